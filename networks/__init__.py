@@ -1,0 +1,9 @@
+"""LiteMed Bundles networks: LiteNeXt, LTMedNeXt, LTMedNeXtClassifier, Marginal Weight Loss and SERP."""
+
+from networks import data, training
+from networks.litenext import LiteNeXt
+from networks.losses import MarginalWeightLoss, marginal_weight_map
+from networks.ltmednext import LTMedNeXt, LTMedNeXtClassifier
+
+__all__ = ["LiteNeXt", "LTMedNeXt", "LTMedNeXtClassifier", "MarginalWeightLoss", "marginal_weight_map", "data",
+           "training"]

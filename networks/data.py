@@ -1,0 +1,71 @@
+"""Label sets and datalist helpers shared by the bundles and the data preparation tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "write_json_atomic", "write_datalist", "load_datalist"]
+
+# TransUNet order: index i is the label value of organ i (0 is background)
+SYNAPSE_ORGANS = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
+                  "pancreas")
+# BTCV label id -> Synapse 8-organ label; every other BTCV id (esophagus, IVC, veins, adrenals) is background
+BTCV_TO_SYNAPSE = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
+
+
+def btcv_to_synapse(label: np.ndarray) -> np.ndarray:
+    """Map a BTCV 13-organ label array to the 8 Synapse organs (uint8, TransUNet order)."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    for btcv_id, synapse_id in BTCV_TO_SYNAPSE.items():
+        lookup[btcv_id] = synapse_id
+    values = np.rint(label).astype(np.int64)
+    if values.min() < 0 or values.max() > 13:
+        raise ValueError(f"BTCV labels must lie in 0..13, found {values.min()}..{values.max()}.")
+    return lookup[values]
+
+
+def write_json_atomic(path: str, content: object) -> None:
+    """Write JSON under a temporary name in the target folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dict] = (),
+                   test: Sequence[dict] = (), **extra: object) -> dict:
+    """Write a MONAI datalist (``training``/``validation``/``test`` lists of dicts) with paths relative to it."""
+    root = os.path.dirname(os.path.abspath(path))
+
+    def relative(items: Sequence[dict]) -> list[dict]:
+        return [{k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v
+                 for k, v in item.items()} for item in items]
+
+    datalist = {**extra, "training": relative(training), "validation": relative(validation), "test": relative(test)}
+    write_json_atomic(path, datalist)
+    return datalist
+
+
+def load_datalist(path: str, key: str) -> list[dict]:
+    """The ``key`` list of a datalist file, with relative paths resolved against the file's folder."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: datalist not found (prepare the data with tools/prepare_*.py).")
+    with open(path) as f:
+        datalist = json.load(f)
+    if key not in datalist:
+        raise KeyError(f"{path}: no {key!r} list (found {sorted(datalist)}).")
+    root = os.path.dirname(os.path.abspath(path))
+    return [{k: os.path.join(root, v) if k in ("image", "label") and not os.path.isabs(v) else v
+             for k, v in item.items()} for item in datalist[key]]

@@ -1,0 +1,47 @@
+"""Small building blocks shared by the networks of this package."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ChannelLayerNorm", "pad_to_multiple", "check_input_rank"]
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` tensor, applied at every pixel.
+
+    Equal to ``nn.LayerNorm(C)`` on the channels-last view (``2C`` parameters), as in LiteNeXt and ConvNeXt.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+        self.normalized_shape = [num_channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the result keeps channels-last strides, which the following convolutions take without a copy
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return normed.permute(0, 3, 1, 2)
+
+
+def check_input_rank(x: torch.Tensor, name: str) -> None:
+    """Raise a clear error unless ``x`` is a batch of 2D images ``(B, C, H, W)``."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4D input (batch, channels, height, width), got shape {list(x.shape)}.")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """Zero-pad the last two dimensions of ``x`` at the bottom/right up to a multiple of ``multiple``.
+
+    Returns the padded tensor and the original height and width, so the caller can crop back.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    pad_h = (multiple - height % multiple) % multiple
+    pad_w = (multiple - width % multiple) % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, [0, pad_w, 0, pad_h])
+    return x, height, width
