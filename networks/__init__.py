@@ -4,6 +4,7 @@ from networks import data, training
 from networks.litenext import LiteNeXt
 from networks.losses import MarginalWeightLoss, marginal_weight_map
 from networks.ltmednext import LTMedNeXt, LTMedNeXtClassifier
+from networks.serp import SERP
 
-__all__ = ["LiteNeXt", "LTMedNeXt", "LTMedNeXtClassifier", "MarginalWeightLoss", "marginal_weight_map", "data",
+__all__ = ["LiteNeXt", "LTMedNeXt", "LTMedNeXtClassifier", "MarginalWeightLoss", "marginal_weight_map", "SERP", "data",
            "training"]

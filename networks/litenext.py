@@ -219,10 +219,18 @@ class LiteNeXt(nn.Module):
             return x
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, out_channels, H, W)`` and the bottleneck feature map ``(B, 8C, H/16, W/16)`` (for SERP)."""
         check_input_rank(x, "LiteNeXt")
         x, height, width = pad_to_multiple(x, 16)
-        # the 1x1 head and bilinear upsampling commute: apply the head first, on the half-resolution map
-        out = self.head(self.decode(self.encode(x)))
-        out = F.interpolate(out, size=[x.shape[-2], x.shape[-1]], mode="bilinear", align_corners=False)
-        return out[..., :height, :width]
+        features = self.encode(x)
+        out = self.decode(features)
+        full_size = [x.shape[-2], x.shape[-1]]
+        if self.fused_decoder:  # the 1x1 head and bilinear upsampling commute: head first, at half resolution
+            out = F.interpolate(self.head(out), size=full_size, mode="bilinear", align_corners=False)
+        else:
+            out = self.head(F.interpolate(out, size=full_size, mode="bilinear", align_corners=False))
+        return out[..., :height, :width], features[4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_embedding(x)[0]

@@ -83,9 +83,7 @@ class LTMedNeXtBlock(nn.Module):
         self.drop_path = _DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = self.sem_branches[0](x)
-        for branch in self.sem_branches[1:]:
-            spatial = spatial + branch(x)
+        spatial = self.sem_branches[0](x) + self.sem_branches[1](x) + self.sem_branches[2](x)
         x = x + self.sem_proj(spatial)
 
         n = self.attn_norm(x)
@@ -111,25 +109,40 @@ class LTMedNeXtEncoder(nn.Module):
             _norm(norm, widths[0]),
         )
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()
-        self.downsamples = nn.ModuleList()
+        # stage i > 0 starts with its downsampling (norm, 2x2 stride-2 convolution)
         self.stages = nn.ModuleList()
         block_index = 0
         for i, (width, depth) in enumerate(zip(widths, depths)):
+            layers: list[nn.Module] = []
             if i > 0:
-                self.downsamples.append(
-                    nn.Sequential(_norm(norm, widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, stride=2)))
-            self.stages.append(nn.Sequential(*[
-                LTMedNeXtBlock(width, attention_kernel_size, norm=norm, drop_path=rates[block_index + j])
-                for j in range(depth)]))
+                layers.append(nn.Sequential(_norm(norm, widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, stride=2)))
+            layers += [LTMedNeXtBlock(width, attention_kernel_size, norm=norm, drop_path=rates[block_index + j])
+                       for j in range(depth)]
+            self.stages.append(nn.Sequential(*layers))
             block_index += depth
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stages[0](self.stem(x))
-        features = [x]
-        for downsample, stage in zip(self.downsamples, self.stages[1:]):
-            x = stage(downsample(x))
+        x = self.stem(x)
+        features: list[torch.Tensor] = []
+        for stage in self.stages:
+            x = stage(x)
             features.append(x)
         return features
+
+
+class _DecoderLevel(nn.Module):
+    """Upsample and project the deeper map, concatenate the skip, fuse with a 1x1 conv, refine with one block."""
+
+    def __init__(self, deep_channels: int, channels: int, norm: str) -> None:
+        super().__init__()
+        self.project = nn.Conv2d(deep_channels, channels, 1)
+        self.fuse = nn.Conv2d(2 * channels, channels, 1)
+        self.block = LTMedNeXtBlock(channels, norm=norm)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        deep = F.interpolate(self.project(deep), size=[skip.shape[-2], skip.shape[-1]], mode="bilinear",
+                             align_corners=False)
+        return self.block(self.fuse(torch.cat([deep, skip], 1)))
 
 
 def _check_args(name: str, in_channels: int, out_channels: int, size: str) -> None:
@@ -173,9 +186,7 @@ class LTMedNeXt(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path)
-        self.up_projections = nn.ModuleList([nn.Conv2d(widths[i + 1], widths[i], 1) for i in (2, 1, 0)])
-        self.skip_fusions = nn.ModuleList([nn.Conv2d(2 * widths[i], widths[i], 1) for i in (2, 1, 0)])
-        self.decoder_blocks = nn.ModuleList([LTMedNeXtBlock(widths[i], norm=norm) for i in (2, 1, 0)])
+        self.decoder = nn.ModuleList([_DecoderLevel(widths[i + 1], widths[i], norm) for i in (2, 1, 0)])
         half = widths[0] // 2
         self.head = nn.Sequential(
             nn.ConvTranspose2d(widths[0], half, 2, stride=2),
@@ -190,11 +201,8 @@ class LTMedNeXt(nn.Module):
         x, height, width = pad_to_multiple(x, 32)
         features = self.encoder(x)
         y = features[3]
-        for level, (project, fuse, block) in enumerate(zip(self.up_projections, self.skip_fusions,
-                                                           self.decoder_blocks)):
-            skip = features[2 - level]
-            y = F.interpolate(project(y), size=[skip.shape[-2], skip.shape[-1]], mode="bilinear", align_corners=False)
-            y = block(fuse(torch.cat([y, skip], 1)))
+        for level, decoder_level in enumerate(self.decoder):
+            y = decoder_level(y, features[2 - level])
         return self.head(y)[..., :height, :width]
 
 

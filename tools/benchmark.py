@@ -1,0 +1,380 @@
+"""CPU benchmark of LiteNeXt and LTMedNeXt against MONAI's 2D segmentation networks, written as a markdown table.
+
+For every network, in one run: parameters, GMACs (ptflops, aten backend, batch 1 at the largest size), eager
+inference slices/s at each size, training-step slices/s, peak RSS increase of inference in a fresh process, and
+ONNX Runtime slices/s with the largest |ONNX Runtime - PyTorch| difference. Every throughput is also given as a
+ratio to MONAI UNet measured in the same run (UNet is added to the run when it is not selected). All networks take
+3 input channels and give 1 output channel (binary logits). Nothing is downloaded.
+
+Throughputs are the median of ``--repeats`` timed iterations after two untimed warm-up iterations, with
+``torch.set_num_threads(threads)`` (and ``intra_op_num_threads=threads`` for ONNX Runtime). GMACs, training, peak
+memory and ONNX Runtime use the largest of ``--sizes``; ``--batch`` applies to all but GMACs (always batch 1).
+
+Examples::
+
+    python tools/benchmark.py                                   # all networks, writes docs/benchmark.md
+    python tools/benchmark.py --networks litenext,litenext_published,unet --repeats 3
+    python tools/benchmark.py --threads 4 --skip_onnx --output /tmp/benchmark.md
+    python tools/benchmark.py --networks litenext,unet --repeats 1 --batch 1 --sizes 64 --skip_training
+
+Network names: litenext, litenext_published, ltmednext_t, ltmednext_s, unet, basicunet, attentionunet, segresnet,
+swinunetr, mednext_s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import fire
+import monai
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, SwinUNETR, UNet
+from monai.networks.nets.mednext import create_mednext
+from ptflops import get_model_complexity_info
+
+from networks import LiteNeXt, LTMedNeXt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmark.md"
+IN_CHANNELS, OUT_CHANNELS = 3, 1
+REFERENCE = "unet"  # the "x UNet" columns divide by this network's throughput
+WARMUP = 2  # untimed iterations before the timed repeats
+ONNX_OPSET = 17
+UNET_CHANNELS, UNET_STRIDES = (16, 32, 64, 128, 256), (2, 2, 2, 2)
+
+# name -> (label in the table, builder)
+NETWORKS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "litenext": ("LiteNeXt (fused decoder)", lambda: LiteNeXt(IN_CHANNELS, OUT_CHANNELS)),
+    "litenext_published": ("LiteNeXt (published order)",
+                           lambda: LiteNeXt(IN_CHANNELS, OUT_CHANNELS, fused_decoder=False)),
+    "ltmednext_t": ("LTMedNeXt-T", lambda: LTMedNeXt(2, IN_CHANNELS, OUT_CHANNELS, size="T")),
+    "ltmednext_s": ("LTMedNeXt-S", lambda: LTMedNeXt(2, IN_CHANNELS, OUT_CHANNELS, size="S")),
+    "unet": ("MONAI UNet", lambda: UNet(2, IN_CHANNELS, OUT_CHANNELS, UNET_CHANNELS, UNET_STRIDES, num_res_units=2)),
+    "basicunet": ("MONAI BasicUNet", lambda: BasicUNet(2, IN_CHANNELS, OUT_CHANNELS)),
+    "attentionunet": ("MONAI AttentionUnet",
+                      lambda: AttentionUnet(2, IN_CHANNELS, OUT_CHANNELS, UNET_CHANNELS, UNET_STRIDES)),
+    "segresnet": ("MONAI SegResNet", lambda: SegResNet(2, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS)),
+    "swinunetr": ("MONAI SwinUNETR (feature_size 24)",
+                  lambda: SwinUNETR(IN_CHANNELS, OUT_CHANNELS, feature_size=24, spatial_dims=2)),
+    "mednext_s": ("MONAI MedNeXt-S k3 (Roy et al.)",
+                  lambda: create_mednext("S", spatial_dims=2, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS)),
+}
+
+
+@dataclass
+class Result:
+    """Everything measured for one network; ``None`` where a measurement was skipped or failed."""
+
+    name: str
+    parameters: int
+    gmacs: float
+    inference: dict[int, float]  # size -> slices/s
+    peak_rss_mib: float
+    training: float | None = None
+    onnx: float | None = None
+    onnx_error: float | None = None
+    onnx_failure: str | None = None
+
+
+@dataclass
+class Settings:
+    names: list[str]
+    repeats: int
+    threads: int
+    sizes: list[int]
+    batch: int
+    training: bool
+    onnx: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """The size of the GMACs, training, memory and ONNX Runtime measurements."""
+        return max(self.sizes)
+
+
+def _as_list(value: str | int | Sequence[str | int]) -> list[str]:
+    """Fire turns ``a,b`` into a tuple and ``256`` into an int; accept those and plain comma-separated strings."""
+    if isinstance(value, (str, int)):
+        return [part.strip() for part in str(value).split(",") if part.strip()]
+    return [str(part).strip() for part in value]
+
+
+def _images(batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, IN_CHANNELS, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def build(name: str) -> nn.Module:
+    """A freshly initialised network in eval mode."""
+    torch.manual_seed(0)
+    return NETWORKS[name][1]().eval()
+
+
+def _median_rate(step: Callable[[], object], batch: int, repeats: int) -> float:
+    """Slices per second: ``batch`` over the median time of ``repeats`` calls of ``step`` after the warm-up."""
+    for _ in range(WARMUP):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def count_gmacs(model: nn.Module, size: int) -> float:
+    macs, _ = get_model_complexity_info(model, (IN_CHANNELS, size, size), print_per_layer_stat=False,
+                                        as_strings=False, backend="aten")
+    return float(macs) / 1e9
+
+
+def inference_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
+    images = _images(batch, size)
+    with torch.inference_mode():
+        return _median_rate(lambda: model(images), batch, repeats)
+
+
+def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
+    """Forward, BCE-with-logits loss, backward and an SGD step on random images and masks."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_function = nn.BCEWithLogitsLoss()
+    images = _images(batch, size)
+    masks = (torch.rand(batch, OUT_CHANNELS, size, size, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_function(model(images), masks).backward()
+        optimizer.step()
+
+    return _median_rate(step, batch, repeats)
+
+
+def _peak_rss_increase_mib(name: str, batch: int, size: int, threads: int) -> float:
+    """Run in a fresh process: the rise of ``ru_maxrss`` over two inference calls, after the network is built."""
+    torch.set_num_threads(threads)
+    model = build(name)
+    images = _images(batch, size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        for _ in range(2):
+            model(images)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+
+
+def peak_rss_mib(name: str, batch: int, size: int, threads: int) -> float:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_rss_increase_mib, (name, batch, size, threads))
+
+
+def onnx_rate(model: nn.Module, batch: int, size: int, threads: int, repeats: int, path: str) -> tuple[float, float]:
+    """Export with a dynamic batch axis (traced at batch 1), run at ``batch``: slices/s and max |ORT - torch|."""
+    images = _images(batch, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (images[:1],), path, dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"image": images.numpy()}
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    error = float(np.abs(session.run(None, feed)[0] - expected).max())
+    return _median_rate(lambda: session.run(None, feed), batch, repeats), error
+
+
+def _failure_reason(error: Exception) -> str:
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}".replace("|", "\\|")
+
+
+def measure(name: str, settings: Settings, folder: str) -> Result:
+    size, batch, repeats = settings.size, settings.batch, settings.repeats
+    _log(f"{name}: complexity")
+    model = build(name)
+    result = Result(
+        name=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        gmacs=count_gmacs(model, size),
+        inference={},
+        peak_rss_mib=0.0,
+    )
+    for s in settings.sizes:
+        _log(f"{name}: inference {s}x{s}")
+        result.inference[s] = inference_rate(model, batch, s, repeats)
+    _log(f"{name}: peak memory")
+    result.peak_rss_mib = peak_rss_mib(name, batch, size, settings.threads)
+    if settings.onnx:
+        _log(f"{name}: ONNX Runtime")
+        try:
+            result.onnx, result.onnx_error = onnx_rate(model, batch, size, settings.threads, repeats,
+                                                       os.path.join(folder, f"{name}.onnx"))
+        except Exception as error:  # a peer that does not export gets "n/a" and a footnote, not a crash
+            result.onnx_failure = _failure_reason(error)
+    if settings.training:
+        _log(f"{name}: training")
+        result.training = training_rate(build(name), batch, size, repeats)
+    return result
+
+
+def _log(message: str) -> None:
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def table(results: list[Result], settings: Settings) -> tuple[str, list[str]]:
+    """The markdown table and its footnotes (export failures)."""
+    reference = next(r for r in results if r.name == REFERENCE)
+    size = settings.size
+    header = ["Network", "Parameters", f"GMACs ({size}x{size})"]
+    for s in settings.sizes:
+        header += [f"Inference {s}x{s} (slices/s)", "x UNet"]
+    if settings.training:
+        header += [f"Training {size}x{size} (slices/s)", "x UNet"]
+    header += [f"Peak RSS {size}x{size} (MiB)"]
+    if settings.onnx:
+        header += [f"ONNX Runtime {size}x{size} (slices/s)", "x UNet (eager)", "max abs ORT - torch"]
+    footnotes: list[str] = []
+    rows = []
+    for r in results:
+        row = [NETWORKS[r.name][0], f"{r.parameters:,}", f"{r.gmacs:.3f}"]
+        for s in settings.sizes:
+            row += [_rate(r.inference[s]), _ratio(r.inference[s], reference.inference[s])]
+        if settings.training:
+            row += [_rate(r.training), _ratio(r.training, reference.training)]
+        row += [f"{r.peak_rss_mib:.1f}"]
+        if settings.onnx:
+            if r.onnx_failure is not None:
+                footnotes.append(f"{NETWORKS[r.name][0]}: ONNX export or run failed: {r.onnx_failure}")
+                mark = f"n/a [^{len(footnotes)}]"
+                row += [mark, mark, mark]
+            else:
+                row += [_rate(r.onnx), _ratio(r.onnx, reference.inference[size]), f"{r.onnx_error:.1e}"]
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines), footnotes
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(results: list[Result], settings: Settings) -> tuple[str, str]:
+    """The whole markdown document, and the table alone."""
+    body, footnotes = table(results, settings)
+    size, batch = settings.size, settings.batch
+    versions = (f"torch {torch.__version__}, monai {monai.__version__}, onnxruntime {ort.__version__}, "
+                f"ptflops {importlib.metadata.version('ptflops')}")
+    caption = (f"Table: {IN_CHANNELS} input channels and {OUT_CHANNELS} output channel (binary logits) for every "
+               f"network. GMACs counted by ptflops `get_model_complexity_info(..., backend=\"aten\")` at batch 1, "
+               f"{IN_CHANNELS}x{size}x{size}. Throughputs at batch {batch}, median of {settings.repeats} timed "
+               f"repeats after {WARMUP} warm-up iterations; \"x UNet\" is the ratio to MONAI UNet in this run.")
+    notes = [
+        f"Inference: `model.eval()` under `torch.inference_mode()`, random input of shape "
+        f"({batch}, {IN_CHANNELS}, size, size).",
+        f"Training: one forward, BCE-with-logits loss, backward and SGD (momentum 0.9) step at batch {batch}, "
+        f"{size}x{size}, on a freshly initialised network in train mode.",
+        f"Peak RSS: rise of `resource.getrusage(RUSAGE_SELF).ru_maxrss` over two inference calls at batch {batch}, "
+        f"{size}x{size}, in a fresh `spawn` process per network (measured after the network is built).",
+    ]
+    if settings.onnx:
+        notes.append(f"ONNX Runtime: `torch.onnx.export(dynamo=False, opset_version={ONNX_OPSET})` with a dynamic "
+                     f"batch axis (traced at batch 1), CPUExecutionProvider, `intra_op_num_threads={settings.threads}`, "
+                     f"run at batch {batch}; \"x UNet (eager)\" divides by eager MONAI UNet inference at "
+                     f"{size}x{size}; the last column is max |ONNX Runtime - PyTorch| on the same input.")
+    notes += settings.notes
+    lines = [
+        "# LiteMed Bundles CPU benchmark",
+        "",
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
+        f"Versions: {versions}, Python {platform.python_version()}  ",
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible)  ",
+        f"Threads: {settings.threads}",
+        "",
+        caption,
+        "",
+        body,
+        "",
+        *[f"- {note}" for note in notes],
+    ]
+    if footnotes:
+        lines += ["", *[f"[^{i}]: {note}" for i, note in enumerate(footnotes, 1)]]
+    return "\n".join(lines) + "\n", body
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder and move it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main(networks: str | Sequence[str] = "all", repeats: int = 5, threads: int = 2,
+         sizes: str | int | Sequence[int] = "224,256", batch: int = 8, output: str | None = None,
+         skip_training: bool = False, skip_onnx: bool = False) -> None:
+    """Benchmark the networks and write the markdown table to ``output`` (default docs/benchmark.md)."""
+    names = list(NETWORKS) if _as_list(networks) == ["all"] else [n.lower() for n in _as_list(networks)]
+    unknown = sorted(set(names) - set(NETWORKS))
+    if unknown:
+        raise ValueError(f"unknown networks {unknown}; choose from {', '.join(NETWORKS)}.")
+    if min(repeats, threads, batch) < 1:
+        raise ValueError("repeats, threads and batch must be positive.")
+    settings = Settings(names=[n for n in NETWORKS if n in names], repeats=repeats, threads=threads,
+                        sizes=[int(s) for s in _as_list(sizes)], batch=batch, training=not skip_training,
+                        onnx=not skip_onnx)
+    if REFERENCE not in settings.names:
+        settings.names.append(REFERENCE)
+        settings.notes.append(f"{NETWORKS[REFERENCE][0]} was not selected and was added as the ratio reference.")
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="litemed_benchmark_") as folder:
+        results = [measure(name, settings, folder) for name in settings.names]
+    document, body = render(results, settings)
+    path = Path(output) if output is not None else DEFAULT_OUTPUT
+    write_atomic(path, document)
+    print(body)
+    _log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
