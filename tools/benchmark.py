@@ -23,12 +23,12 @@ swinunetr, mednext_s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import fire
 import monai
@@ -49,6 +49,8 @@ from monai.networks.nets.mednext import create_mednext
 from ptflops import get_model_complexity_info
 
 from networks import LiteNeXt, LTMedNeXt
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmark.md"
@@ -83,17 +85,19 @@ class Result:
 
     name: str
     parameters: int
-    gmacs: float
-    inference: dict[int, float]  # size -> slices/s
-    peak_rss_mib: float
+    gmacs: float | None = None
+    inference: dict[int, float] = field(default_factory=dict)  # size -> slices/s
+    peak_rss_mib: float | None = None
     training: float | None = None
     onnx: float | None = None
     onnx_error: float | None = None
-    onnx_failure: str | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # "network", "gmacs" or "onnx" -> reason
 
 
 @dataclass
 class Settings:
+    """What one run measures; ``notes`` are extra lines for the markdown file."""
+
     names: list[str]
     repeats: int
     threads: int
@@ -139,8 +143,11 @@ def _median_rate(step: Callable[[], object], batch: int, repeats: int) -> float:
 
 
 def count_gmacs(model: nn.Module, size: int) -> float:
-    macs, _ = get_model_complexity_info(model, (IN_CHANNELS, size, size), print_per_layer_stat=False,
-                                        as_strings=False, backend="aten")
+    with contextlib.redirect_stdout(sys.stderr):  # ptflops prints its own failures; keep stdout for the table
+        macs, _ = get_model_complexity_info(model, (IN_CHANNELS, size, size), print_per_layer_stat=False,
+                                            as_strings=False, backend="aten", ost=sys.stderr)
+    if macs is None:
+        raise RuntimeError("ptflops (aten backend) could not count this network; its traceback is on stderr")
     return float(macs) / 1e9
 
 
@@ -166,16 +173,29 @@ def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> floa
     return _median_rate(step, batch, repeats)
 
 
+def _resident_kib() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in KiB: VmRSS and VmHWM from /proc/self/status.
+
+    Not ``resource.getrusage().ru_maxrss``: Linux carries the parent's peak across fork and exec into it, so in a
+    child spawned by this (large) process it starts near the parent's peak and hides the child's own.
+    """
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 def _peak_rss_increase_mib(name: str, batch: int, size: int, threads: int) -> float:
-    """Run in a fresh process: the rise of ``ru_maxrss`` over two inference calls, after the network is built."""
+    """Run in a fresh process: peak RSS during two inference calls minus the RSS once the network is built."""
     torch.set_num_threads(threads)
     model = build(name)
     images = _images(batch, size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    before, _ = _resident_kib()
     with torch.inference_mode():
         for _ in range(2):
             model(images)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+    return (_resident_kib()[1] - before) / 1024
 
 
 def peak_rss_mib(name: str, batch: int, size: int, threads: int) -> float:
@@ -206,17 +226,34 @@ def _failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:300]}".replace("|", "\\|")
 
 
+def _attempt(result: Result, key: str, call: Callable[[], T]) -> T | None:
+    """``call()``, or ``None`` with the reason kept in ``result.failures[key]`` if it raises."""
+    try:
+        return call()
+    except Exception as error:
+        result.failures[key] = _failure_reason(error)
+        _log(f"{result.name}: {key} failed: {result.failures[key]}")
+        return None
+
+
+def _runs(model: nn.Module, sizes: list[int]) -> bool:
+    """One batch-1 forward pass at each size; raises where the network cannot run."""
+    with torch.inference_mode():
+        for size in sizes:
+            model(_images(1, size))
+    return True
+
+
 def measure(name: str, settings: Settings, folder: str) -> Result:
+    """All measurements of one network; a network that cannot run (e.g. a missing optional dependency), or a
+    measurement that fails (ptflops, ONNX export), is recorded in ``failures`` instead of stopping the run."""
     size, batch, repeats = settings.size, settings.batch, settings.repeats
-    _log(f"{name}: complexity")
     model = build(name)
-    result = Result(
-        name=name,
-        parameters=sum(p.numel() for p in model.parameters()),
-        gmacs=count_gmacs(model, size),
-        inference={},
-        peak_rss_mib=0.0,
-    )
+    result = Result(name=name, parameters=sum(p.numel() for p in model.parameters()))
+    _log(f"{name}: complexity")
+    if _attempt(result, "network", lambda: _runs(model, settings.sizes)) is None:
+        return result
+    result.gmacs = _attempt(result, "gmacs", lambda: count_gmacs(model, size))
     for s in settings.sizes:
         _log(f"{name}: inference {s}x{s}")
         result.inference[s] = inference_rate(model, batch, s, repeats)
@@ -224,11 +261,9 @@ def measure(name: str, settings: Settings, folder: str) -> Result:
     result.peak_rss_mib = peak_rss_mib(name, batch, size, settings.threads)
     if settings.onnx:
         _log(f"{name}: ONNX Runtime")
-        try:
-            result.onnx, result.onnx_error = onnx_rate(model, batch, size, settings.threads, repeats,
-                                                       os.path.join(folder, f"{name}.onnx"))
-        except Exception as error:  # a peer that does not export gets "n/a" and a footnote, not a crash
-            result.onnx_failure = _failure_reason(error)
+        rate_and_error = _attempt(result, "onnx", lambda: onnx_rate(model, batch, size, settings.threads, repeats,
+                                                                    os.path.join(folder, f"{name}.onnx")))
+        result.onnx, result.onnx_error = rate_and_error or (None, None)
     if settings.training:
         _log(f"{name}: training")
         result.training = training_rate(build(name), batch, size, repeats)
@@ -249,9 +284,7 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return "-" if value is None or not reference else f"{value / reference:.2f}"
 
 
-def table(results: list[Result], settings: Settings) -> tuple[str, list[str]]:
-    """The markdown table and its footnotes (export failures)."""
-    reference = next(r for r in results if r.name == REFERENCE)
+def _header(settings: Settings) -> list[str]:
     size = settings.size
     header = ["Network", "Parameters", f"GMACs ({size}x{size})"]
     for s in settings.sizes:
@@ -261,22 +294,39 @@ def table(results: list[Result], settings: Settings) -> tuple[str, list[str]]:
     header += [f"Peak RSS {size}x{size} (MiB)"]
     if settings.onnx:
         header += [f"ONNX Runtime {size}x{size} (slices/s)", "x UNet (eager)", "max abs ORT - torch"]
+    return header
+
+
+def table(results: list[Result], settings: Settings) -> tuple[str, list[str]]:
+    """The markdown table and its footnotes (the reasons behind every "n/a")."""
+    reference = next(r for r in results if r.name == REFERENCE)
+    header = _header(settings)
     footnotes: list[str] = []
+
+    def not_available(result: Result, key: str) -> str:
+        what = {"network": "the network did not run", "gmacs": "MAC counting failed",
+                "onnx": "ONNX export or ONNX Runtime failed"}[key]
+        footnotes.append(f"{NETWORKS[result.name][0]}: {what}: {result.failures[key]}")
+        return f"n/a [^{len(footnotes)}]"
+
     rows = []
     for r in results:
-        row = [NETWORKS[r.name][0], f"{r.parameters:,}", f"{r.gmacs:.3f}"]
+        row = [NETWORKS[r.name][0], f"{r.parameters:,}"]
+        if "network" in r.failures:
+            rows.append(row + [not_available(r, "network")] * (len(header) - len(row)))
+            continue
+        row += [not_available(r, "gmacs") if "gmacs" in r.failures else f"{r.gmacs:.3f}"]
         for s in settings.sizes:
-            row += [_rate(r.inference[s]), _ratio(r.inference[s], reference.inference[s])]
+            row += [_rate(r.inference[s]), _ratio(r.inference[s], reference.inference.get(s))]
         if settings.training:
             row += [_rate(r.training), _ratio(r.training, reference.training)]
         row += [f"{r.peak_rss_mib:.1f}"]
         if settings.onnx:
-            if r.onnx_failure is not None:
-                footnotes.append(f"{NETWORKS[r.name][0]}: ONNX export or run failed: {r.onnx_failure}")
-                mark = f"n/a [^{len(footnotes)}]"
-                row += [mark, mark, mark]
+            if "onnx" in r.failures:
+                row += [not_available(r, "onnx")] * 3
             else:
-                row += [_rate(r.onnx), _ratio(r.onnx, reference.inference[size]), f"{r.onnx_error:.1e}"]
+                row += [_rate(r.onnx), _ratio(r.onnx, reference.inference.get(settings.size)),
+                        f"{r.onnx_error:.1e}"]
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -307,16 +357,20 @@ def render(results: list[Result], settings: Settings) -> tuple[str, str]:
     notes = [
         f"Inference: `model.eval()` under `torch.inference_mode()`, random input of shape "
         f"({batch}, {IN_CHANNELS}, size, size).",
-        f"Training: one forward, BCE-with-logits loss, backward and SGD (momentum 0.9) step at batch {batch}, "
-        f"{size}x{size}, on a freshly initialised network in train mode.",
-        f"Peak RSS: rise of `resource.getrusage(RUSAGE_SELF).ru_maxrss` over two inference calls at batch {batch}, "
-        f"{size}x{size}, in a fresh `spawn` process per network (measured after the network is built).",
+        f"Peak RSS: peak resident set (VmHWM, reset through /proc/self/clear_refs) during two inference calls at "
+        f"batch {batch}, {size}x{size}, minus the resident set just before them, in a fresh `spawn` process per "
+        f"network that has built the network and its input. Not `getrusage` `ru_maxrss`: in a spawned child it "
+        f"starts at the parent's peak.",
     ]
+    if settings.training:
+        notes.append(f"Training: one forward, BCE-with-logits loss, backward and SGD (momentum 0.9) step at batch "
+                     f"{batch}, {size}x{size}, on a freshly initialised network in train mode.")
     if settings.onnx:
         notes.append(f"ONNX Runtime: `torch.onnx.export(dynamo=False, opset_version={ONNX_OPSET})` with a dynamic "
-                     f"batch axis (traced at batch 1), CPUExecutionProvider, `intra_op_num_threads={settings.threads}`, "
-                     f"run at batch {batch}; \"x UNet (eager)\" divides by eager MONAI UNet inference at "
-                     f"{size}x{size}; the last column is max |ONNX Runtime - PyTorch| on the same input.")
+                     f"batch axis (traced at batch 1), CPUExecutionProvider, "
+                     f"`intra_op_num_threads={settings.threads}`, run at batch {batch}; \"x UNet (eager)\" divides by "
+                     f"eager MONAI UNet inference at {size}x{size}; the last column is max |ONNX Runtime - PyTorch| "
+                     f"on the same input.")
     notes += settings.notes
     lines = [
         "# LiteMed Bundles CPU benchmark",

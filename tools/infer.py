@@ -1,0 +1,303 @@
+"""Batch inference with a bundle: ``python tools/infer.py BUNDLE_DIR INPUT OUTPUT_DIR [options]``.
+
+INPUT is a NIfTI file, a DICOM series folder, or a folder searched recursively for NIfTI files and DICOM series
+(grouped by SeriesInstanceUID; several series in one folder become several cases). Each case gives one label NIfTI
+on the input's grid (``<case>_seg.nii.gz``) in OUTPUT_DIR, written under a temporary name and renamed, plus
+``summary.csv`` (case,input,status,output,seconds,message) and ``summary.json``. A case whose output already exists
+is skipped, so an interrupted batch resumes where it stopped; a failing case is reported and the batch carries on.
+
+The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
+ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting.
+
+Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundle missing, output not writable).
+
+Examples::
+
+    python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct out/
+    python tools/infer.py bundles/synapse_ltmednext_segmentation /data/dicom out/ --overlay --device cpu
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import fire
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SUMMARY_FIELDS = ("case", "input", "status", "output", "seconds", "message")
+log = logging.getLogger("infer")
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (exit code 2)."""
+
+
+@dataclass
+class Case:
+    """One unit of work: a NIfTI file or one DICOM series (its files, ordered later by the reader)."""
+
+    name: str
+    input: str
+    kind: str  # "nifti" or "dicom"
+    series_uid: str = ""
+
+
+@dataclass
+class Result:
+    case: str
+    input: str
+    status: str
+    output: str = ""
+    seconds: float = 0.0
+    message: str = ""
+    volumes_ml: dict = field(default_factory=dict)
+
+
+def _case_name(path: str, root: str) -> str:
+    relative = os.path.relpath(path, root) if os.path.isdir(root) and path != root else os.path.basename(path)
+    for suffix in NIFTI_SUFFIXES:
+        if relative.endswith(suffix):
+            relative = relative[: -len(suffix)]
+    return re.sub(r"[\\/]+", "__", relative).strip("_.") or "case"
+
+
+def _dicom_series(folder: str) -> dict[str, str]:
+    """SeriesInstanceUID -> folder for the DICOM files directly in ``folder`` (non-DICOM files are ignored)."""
+    import pydicom
+
+    series: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or name.lower().endswith(NIFTI_SUFFIXES):
+            continue
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
+        except Exception:
+            continue
+        if "SOPClassUID" not in header and "SeriesInstanceUID" not in header and not header.file_meta:
+            continue
+        # files without a SeriesInstanceUID (anonymised exports) form one series per folder, keyed ""
+        series.setdefault(str(getattr(header, "SeriesInstanceUID", "") or ""), folder)
+    return series
+
+
+def discover(input_path: str) -> list[Case]:
+    """All cases under ``input_path``, in a stable order."""
+    if not os.path.exists(input_path):
+        raise UsageError(f"{input_path}: input not found.")
+    if os.path.isfile(input_path):
+        if input_path.endswith(NIFTI_SUFFIXES):
+            return [Case(_case_name(input_path, input_path), input_path, "nifti")]
+        raise UsageError(f"{input_path}: not a NIfTI file (.nii, .nii.gz) or a folder.")
+    cases: list[Case] = []
+    for folder, dirs, files in os.walk(input_path):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(NIFTI_SUFFIXES):
+                path = os.path.join(folder, name)
+                cases.append(Case(_case_name(path, input_path), path, "nifti"))
+        series = _dicom_series(folder)
+        for uid in sorted(series):
+            base = _case_name(folder, input_path) if folder != input_path else os.path.basename(os.path.abspath(folder))
+            name = base if len(series) == 1 else f"{base}__{uid[-12:] or 'no_uid'}"
+            cases.append(Case(name, folder, "dicom", uid))
+    return cases
+
+
+class BundleRunner:
+    """The network, preprocessing, inferer and postprocessing of a bundle's inference config, loaded once."""
+
+    def __init__(self, bundle_dir: str, device: str = "cpu") -> None:
+        import torch
+        from monai.bundle import ConfigParser
+        from monai.transforms import Compose, LoadImaged, SaveImaged
+
+        config_file = os.path.join(bundle_dir, "configs", "inference.json")
+        weights = os.path.join(bundle_dir, "models", "model.pt")
+        for path in (config_file, weights):
+            if not os.path.isfile(path):
+                raise UsageError(f"{path}: not found; is {bundle_dir} a bundle with trained weights?")
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        meta_file = os.path.join(bundle_dir, "configs", "metadata.json")
+        if os.path.isfile(meta_file):
+            parser.read_meta(meta_file)
+            self.labels = {int(k): v for k, v in
+                           parser.get("_meta_#network_data_format#outputs#pred#channel_def", {}).items()}
+        else:
+            self.labels = {}
+        parser["bundle_root"] = bundle_dir
+        parser["device"] = f"$torch.device('{device}')"
+        self.device = torch.device(device)
+        self.network = parser.get_parsed_content("network")
+        state = torch.load(weights, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        self.network.eval()
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        post = parser.get_parsed_content("postprocessing")
+        # like MONAI Label: this tool writes outputs itself (atomically), so the bundle's SaveImaged is dropped
+        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
+        first = self.preprocessing.transforms[0]
+        if not isinstance(first, LoadImaged):
+            raise UsageError(f"{config_file}: preprocessing must start with LoadImaged.")
+        self.after_loading = Compose(self.preprocessing.transforms[1:])
+
+    def load(self, case: Case):
+        from monai.data import ITKReader
+        from monai.transforms import LoadImage
+
+        if case.kind == "dicom":
+            reader = ITKReader(series_name=case.series_uid) if case.series_uid else ITKReader()
+            return LoadImage(reader=reader, image_only=True)(case.input)
+        return LoadImage(image_only=True)(case.input)
+
+    def __call__(self, case: Case):
+        import torch
+
+        image = self.load(case)
+        check_volume(image, case.input)
+        data = self.after_loading({"image": image})
+        with torch.inference_mode():
+            data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].cpu()
+        return self.postprocessing(data)["pred"]
+
+
+def check_volume(image, source: str) -> None:
+    """Reject input a 3D CT bundle cannot segment meaningfully, naming the file and the problem."""
+    import torch
+
+    spatial = tuple(image.shape[-3:]) if image.ndim >= 3 else tuple(image.shape)
+    if image.ndim != 3 or min(spatial) < 1:
+        raise ValueError(f"{source}: expected a 3D volume, got an array of shape {tuple(image.shape)}.")
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        raise ValueError(f"{source}: the volume holds NaN or infinite values.")
+
+
+def save_label(label, output_path: str) -> None:
+    """Write a uint8 label NIfTI with the label's affine, under a temporary name first."""
+    import nibabel as nib
+
+    array = np.asarray(label.detach().cpu().numpy() if hasattr(label, "detach") else label)
+    array = array[0] if array.ndim == 4 else array
+    affine = np.asarray(label.affine, dtype=np.float64) if hasattr(label, "affine") else np.eye(4)
+    folder = os.path.dirname(output_path)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".nii.gz")
+    os.close(handle)
+    try:
+        nib.save(nib.Nifti1Image(array.astype(np.uint8), affine), tmp)
+        os.replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def label_volumes_ml(label, names: dict[int, str]) -> dict[str, float]:
+    array = np.asarray(label.detach().cpu().numpy() if hasattr(label, "detach") else label)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(label.affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    counts = np.bincount(array.astype(np.int64).ravel(), minlength=max(names, default=0) + 1)
+    return {names.get(i, str(i)): round(float(counts[i]) * voxel_ml, 2) for i in range(1, len(counts))}
+
+
+def write_summary(output_dir: str, results: list[Result]) -> None:
+    """summary.csv and summary.json, each written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in results:
+        writer.writerow({**asdict(r), "seconds": f"{r.seconds:.2f}"})
+    for name, text in (("summary.csv", buffer.getvalue()),
+                       ("summary.json", json.dumps([asdict(r) for r in results], indent=2))):
+        handle, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp_")
+        with os.fdopen(handle, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(output_dir, name))
+
+
+def check_output_dir(output_dir: str) -> None:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".tmp_probe")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{output_dir}: output folder is not writable ({e.strerror or e}).") from e
+
+
+def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
+        num_threads: int = 0) -> int:
+    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code."""
+    import torch
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    check_output_dir(output_dir)
+    cases = discover(input)
+    if not cases:
+        raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
+    runner = BundleRunner(bundle_dir, device)
+    results: list[Result] = []
+    progress = _progress(cases)
+    for case in progress:
+        output = os.path.join(output_dir, f"{case.name}_seg.nii.gz")
+        if os.path.isfile(output):
+            results.append(Result(case.name, case.input, "skipped", output, 0.0, "output exists"))
+            continue
+        start = time.perf_counter()
+        try:
+            label = runner(case)
+            save_label(label, output)
+            if overlay:
+                from tools.overlay import save_overlay
+
+                save_overlay(runner.load(case), label, os.path.join(output_dir, f"{case.name}_overlay.png"),
+                             runner.labels)
+            result = Result(case.name, case.input, "ok", output, time.perf_counter() - start,
+                            volumes_ml=label_volumes_ml(label, runner.labels))
+        except Exception as e:  # one bad case must not stop the batch
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if case.input not in message:
+                message = f"{case.input}: {message}"
+            result = Result(case.name, case.input, "failed", "", time.perf_counter() - start, message)
+            log.error("case %s failed: %s", case.name, message)
+        results.append(result)
+        write_summary(output_dir, results)
+    write_summary(output_dir, results)
+    failed = sum(r.status == "failed" for r in results)
+    log.info("%d cases: %d ok, %d skipped, %d failed", len(results), sum(r.status == "ok" for r in results),
+             sum(r.status == "skipped" for r in results), failed)
+    return 1 if failed else 0
+
+
+def _progress(cases: list[Case]):
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(cases, unit="case")
+    return cases
+
+
+def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
+         num_threads: int = 0) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        code = run(bundle_dir, input, output_dir, device, overlay, num_threads)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    fire.Fire(main)

@@ -1,0 +1,83 @@
+"""PNG overlays of a label volume on its CT, for visual review: a few axial slices, label colours and a legend."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# distinct colours for labels 1..N (cycled beyond)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    transform = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
+    return nib.orientations.apply_orientation(array, transform)
+
+
+def _squeeze(volume) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume)
+    while array.ndim > 3:
+        array = array[0]
+    affine = np.asarray(getattr(volume, "affine", np.eye(4)), dtype=np.float64)
+    return array, affine
+
+
+def representative_slices(label: np.ndarray, count: int = 3) -> list[int]:
+    """Axial slices spread over the labelled range (the middle of the volume when nothing is labelled)."""
+    labelled = np.flatnonzero(label.reshape(-1, label.shape[2]).any(0))
+    if labelled.size == 0:
+        return [label.shape[2] // 2]
+    picks = np.linspace(labelled[0], labelled[-1], count + 2)[1:-1]
+    return sorted({int(round(p)) for p in picks})
+
+
+def render(image: np.ndarray, label: np.ndarray, names: dict[int, str], window: tuple[float, float] = (-125, 275),
+           count: int = 3) -> Image.Image:
+    """Side-by-side axial slices (radiological view: patient's right on the left, anterior up) with a legend."""
+    tiles = []
+    for z in representative_slices(label, count):
+        grey = np.clip((image[:, :, z].astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1) * 255
+        rgb = np.repeat(grey[..., None], 3, -1)
+        for value in np.unique(label[:, :, z]):
+            if value == 0:
+                continue
+            mask = label[:, :, z] == value
+            rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array(PALETTE[(int(value) - 1) % len(PALETTE)])
+        tiles.append(np.ascontiguousarray(rgb[::-1, ::-1].transpose(1, 0, 2)).astype(np.uint8))
+    height = max(t.shape[0] for t in tiles)
+    legend_width = 150
+    canvas = Image.new("RGB", (sum(t.shape[1] for t in tiles) + legend_width, max(height, 20 * len(names) + 10)))
+    x = 0
+    for tile in tiles:
+        canvas.paste(Image.fromarray(tile), (x, 0))
+        x += tile.shape[1]
+    draw = ImageDraw.Draw(canvas)
+    for row, (value, name) in enumerate(sorted((k, v) for k, v in names.items() if k > 0)):
+        y = 5 + 20 * row
+        draw.rectangle([x + 5, y, x + 20, y + 14], fill=PALETTE[(value - 1) % len(PALETTE)])
+        draw.text((x + 26, y + 1), name, fill=(255, 255, 255))
+    return canvas
+
+
+def save_overlay(image, label, path: str, names: dict[int, str], count: int = 3) -> None:
+    """Write the overlay PNG of ``label`` on ``image`` (both on the same grid) atomically."""
+    image_array, affine = _squeeze(image)
+    label_array, _ = _squeeze(label)
+    picture = render(_to_ras(image_array, affine), _to_ras(label_array, affine), names, count=count)
+    scale = max(1, 600 // max(picture.size[1], 1))
+    if scale > 1:
+        picture = picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.NEAREST)
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".png")
+    os.close(handle)
+    try:
+        picture.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
