@@ -14,3 +14,63 @@ def shared_data(*parts: str) -> str:
             pytest.fail(f"{path}: sample data missing in CI")
         pytest.skip(f"{path}: sample data not present")
     return path
+
+
+BUNDLES = os.path.join(REPO, "bundles")
+SYNAPSE = os.path.join(BUNDLES, "synapse_ltmednext_segmentation")
+
+
+def make_ct_volume(shape=(48, 40, 6), seed: int = 0):
+    """A small CT-like volume in HU and a label with a few Synapse organs as blobs, RAS affine 1.5 mm x 1.5 mm x 3 mm."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    body = (x - shape[0] / 2) ** 2 / (0.45 * shape[0]) ** 2 + (y - shape[1] / 2) ** 2 / (0.45 * shape[1]) ** 2 < 1
+    image[body] = 30.0
+    for organ, (cx, cy, r, hu) in {5: (0.3, 0.45, 0.18, 60.0), 1: (0.72, 0.6, 0.1, 45.0), 7: (0.5, 0.4, 0.05, 200.0)}.items():
+        blob = (x - cx * shape[0]) ** 2 + (y - cy * shape[1]) ** 2 < (r * shape[0]) ** 2
+        image[blob] = hu
+        label[blob] = organ
+    image += rng.normal(0, 10, shape).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    return image, label, affine
+
+
+@pytest.fixture
+def synthetic_synapse(tmp_path):
+    """A datalist folder with 3 synthetic cases (2 training, 1 validation) in the layout prepare_synapse writes."""
+    import nibabel as nib
+
+    from networks.data import write_datalist
+
+    root = tmp_path / "synapse"
+    items = []
+    for i in range(3):
+        image, label, affine = make_ct_volume(seed=i)
+        for kind, array in (("imagesTr", image), ("labelsTr", label)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, affine), str(root / kind / f"case{i}.nii.gz"))
+        items.append({"image": str(root / "imagesTr" / f"case{i}.nii.gz"),
+                      "label": str(root / "labelsTr" / f"case{i}.nii.gz")})
+    write_datalist(str(root / "datalist.json"), items[:2], items[2:])
+    return root
+
+
+@pytest.fixture
+def random_weight_bundle(tmp_path):
+    """A copy of the Synapse bundle with random LTMedNeXt-T weights (pipeline tests that need no trained model)."""
+    import shutil
+
+    import torch
+
+    from networks import LTMedNeXt
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(os.path.join(SYNAPSE, "configs"), bundle / "configs")
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(LTMedNeXt(2, 1, 9, "T").state_dict(), str(bundle / "models" / "model.pt"))
+    return bundle
