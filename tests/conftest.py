@@ -41,14 +41,14 @@ def make_ct_volume(shape=(48, 40, 6), seed: int = 0):
 
 @pytest.fixture
 def synthetic_synapse(tmp_path):
-    """A datalist folder with 3 synthetic cases (2 training, 1 validation) in the layout prepare_synapse writes."""
+    """A datalist folder with 4 synthetic cases (2 training, 2 validation) in the layout prepare_synapse writes."""
     import nibabel as nib
 
     from networks.data import write_datalist
 
     root = tmp_path / "synapse"
     items = []
-    for i in range(3):
+    for i in range(4):
         image, label, affine = make_ct_volume(seed=i)
         for kind, array in (("imagesTr", image), ("labelsTr", label)):
             (root / kind).mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def test_evaluate_writes_per_case_metrics(synthetic_synapse, random_weight_bundl
             str(synthetic_synapse), "--roi_size", "[64, 64]", cwd=str(random_weight_bundle))
     with open(random_weight_bundle / "eval" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and {r["case"] for r in rows} == {"case2.nii.gz"}
+    assert len(rows) == 16 and {r["case"] for r in rows} == {"case2.nii.gz", "case3.nii.gz"}
     summary = (random_weight_bundle / "eval" / "summary.md").read_text()
     assert "TransUNet protocol" in summary and "| liver |" in summary
 

@@ -117,18 +117,19 @@ def discover(input_path: str) -> list[Case]:
 class BundleRunner:
     """The network, preprocessing, inferer and postprocessing of a bundle's inference config, loaded once."""
 
-    def __init__(self, bundle_dir: str, device: str = "cpu") -> None:
+    def __init__(self, bundle_dir: str, device: str = "cpu", extra_configs: tuple[str, ...] = (),
+                 weights: str | None = None) -> None:
         import torch
         from monai.bundle import ConfigParser
         from monai.transforms import Compose, LoadImaged, SaveImaged
 
         config_file = os.path.join(bundle_dir, "configs", "inference.json")
-        weights = os.path.join(bundle_dir, "models", "model.pt")
-        for path in (config_file, weights):
+        weights = weights or os.path.join(bundle_dir, "models", "model.pt")
+        for path in (config_file, weights, *extra_configs):
             if not os.path.isfile(path):
                 raise UsageError(f"{path}: not found; is {bundle_dir} a bundle with trained weights?")
         parser = ConfigParser()
-        parser.read_config(config_file)
+        parser.read_config([config_file, *extra_configs])
         meta_file = os.path.join(bundle_dir, "configs", "metadata.json")
         if os.path.isfile(meta_file):
             parser.read_meta(meta_file)

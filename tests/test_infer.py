@@ -1,0 +1,101 @@
+"""tools/infer.py: discovery, outputs on the input grid, summary, resumability, bad input and exit codes."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO, make_ct_volume, shared_data
+
+sys.path.insert(0, REPO)
+from tools.infer import Case, discover, run  # noqa: E402
+
+
+def _summary(folder):
+    with open(os.path.join(folder, "summary.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _nifti(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_discovery_groups_dicom_series_and_ignores_junk(tmp_path):
+    dicom = shared_data("ct_dicom_series", "totalsegmentator_example_ct")
+    shutil.copytree(dicom, tmp_path / "in" / "series a")
+    (tmp_path / "in" / "series a" / "notes.txt").write_text("not dicom")
+    _nifti(tmp_path / "in" / "vol é.nii.gz", make_ct_volume()[0])
+    cases = discover(str(tmp_path / "in"))
+    assert [(c.kind, os.path.basename(c.input)) for c in cases] == [("nifti", "vol é.nii.gz"), ("dicom", "series a")]
+    assert len({c.name for c in cases}) == 2
+
+
+def test_segments_nifti_and_dicom_on_their_own_grid(random_weight_bundle, tmp_path):
+    from monai.transforms import LoadImage
+
+    source = tmp_path / "in"
+    shutil.copytree(shared_data("ct_dicom_series", "totalsegmentator_example_ct"), source / "dicom")
+    shutil.copy(shared_data("ct_nifti_3d", "example_ct_sm.nii.gz"), source / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(source), str(out), overlay=True) == 0
+    rows = _summary(out)
+    assert list(rows[0]) == ["case", "input", "status", "output", "seconds", "message"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    by_input = {os.path.basename(r["input"]): r for r in rows}
+    nifti_out = nib.load(by_input["ct.nii.gz"]["output"])
+    nifti_in = nib.load(str(source / "ct.nii.gz"))
+    assert nifti_out.shape == nifti_in.shape and nifti_out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(nifti_out.affine, nifti_in.affine, atol=1e-4)
+    dicom_in = LoadImage(image_only=True)(str(source / "dicom"))
+    dicom_out = nib.load(by_input["dicom"]["output"])
+    assert dicom_out.shape == tuple(dicom_in.shape)
+    np.testing.assert_allclose(dicom_out.affine, np.asarray(dicom_in.affine), atol=1e-3)
+    assert all(os.path.isfile(os.path.join(out, f"{r['case']}_overlay.png")) for r in rows)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]
+    # a rerun skips every finished case and recomputes nothing
+    assert run(str(random_weight_bundle), str(source), str(out)) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped", "skipped"]
+
+
+def test_bad_cases_are_reported_and_the_batch_goes_on(random_weight_bundle, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    image = make_ct_volume()[0]
+    _nifti(source / "a_good.nii.gz", image)
+    (source / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b this is not a volume")
+    nan_image = image.copy()
+    nan_image[0, 0, 0] = np.nan
+    _nifti(source / "c_nan.nii.gz", nan_image)
+    _nifti(source / "d_4d.nii.gz", np.stack([image, image], -1))
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(source), str(out)) == 1
+    rows = {r["case"]: r for r in _summary(out)}
+    assert rows["a_good"]["status"] == "ok"
+    for name, problem in (("b_corrupt", ""), ("c_nan", "NaN"), ("d_4d", "3D volume")):
+        assert rows[name]["status"] == "failed" and rows[name]["output"] == ""
+        assert f"{name}.nii.gz" in rows[name]["message"] and problem in rows[name]["message"]
+    assert sorted(os.listdir(out)) == ["a_good_seg.nii.gz", "summary.csv", "summary.json"]
+
+
+@pytest.mark.parametrize("problem", ["no_bundle", "no_input", "unwritable"])
+def test_usage_errors_exit_2(problem, random_weight_bundle, tmp_path):
+    image = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
+    bundle, source, out = str(random_weight_bundle), image, str(tmp_path / "out")
+    if problem == "no_bundle":
+        bundle = str(tmp_path / "missing_bundle")
+    elif problem == "no_input":
+        source = str(tmp_path / "missing.nii.gz")
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = str(blocker / "out")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "infer.py"), bundle, source, out],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error:" in result.stderr
