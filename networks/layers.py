@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ChannelLayerNorm", "pad_to_multiple", "check_input_rank"]
+__all__ = ["ChannelLayerNorm", "pad_to_multiple", "check_input_rank", "is_exporting"]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -45,3 +45,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, 
     if pad_h or pad_w:
         x = F.pad(x, [0, pad_w, 0, pad_h])
     return x, height, width
+
+
+def is_exporting() -> bool:
+    """True while traced or exported (ONNX, torch.export): shapes must not drive Python control flow there, and
+    inference-time rewrites give way to the plain form, which the exporters optimise themselves."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()

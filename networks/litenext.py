@@ -13,14 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.layers import ChannelLayerNorm, check_input_rank, pad_to_multiple
+from networks.layers import ChannelLayerNorm, check_input_rank, is_exporting, pad_to_multiple
 
 __all__ = ["LiteNeXt"]
-
-
-def _is_exporting() -> bool:
-    """True while traced or exported (ONNX, torch.export), where shapes must not drive Python control flow."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class _ConvNormAct(nn.Sequential):
@@ -93,7 +88,7 @@ class _ScaleEncoder(nn.Module):
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         weight = conv.weight.flatten(1)
         projection_t = projection.transpose(1, 2)
-        chunk = height * width if _is_exporting() else max(1, 8192 // batch)
+        chunk = height * width if is_exporting() else max(1, 8192 // batch)
         outputs: list[torch.Tensor] = []
         for start in range(0, height * width, chunk):
             value = F.linear(pixels[:, start : start + chunk], weight, conv.bias)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.layers import ChannelLayerNorm, check_input_rank, pad_to_multiple
+from networks.layers import ChannelLayerNorm, check_input_rank, is_exporting, pad_to_multiple
 
 __all__ = ["LTMedNeXtBlock", "LTMedNeXtEncoder", "LTMedNeXt", "LTMedNeXtClassifier", "LTMEDNEXT_SIZES"]
 
@@ -55,7 +55,8 @@ class _DropPath(nn.Module):
 class LTMedNeXtBlock(nn.Module):
     """Spatial Encoding Module, Linear Attention FFN and Smooth DwConv FFN, each with a residual.
 
-    * SEM: ``x + PW(DW3(x) + DW5(x) + DW7(x))`` (multi-scale depth-wise spatial encoding).
+    * SEM: ``x + PW(DW3(x) + DW5(x) + DW7(x))`` (multi-scale depth-wise spatial encoding, computed as one merged
+      7x7 depth-wise convolution).
     * LA-FFN: ``x + g1 * PW(DW_k(GELU(PW(n))) * PW(n))`` with ``n = Norm(x)``: a convolutional attention map
       applied by a Hadamard product, linear in the number of pixels.
     * Smooth DwConv FFN: ``t = GELU(PW_up(Norm(x)))``, ``t = t + GELU(DW3(t))``, ``x + g2 * PW_down(t)``.
@@ -83,8 +84,7 @@ class LTMedNeXtBlock(nn.Module):
         self.drop_path = _DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = self.sem_branches[0](x) + self.sem_branches[1](x) + self.sem_branches[2](x)
-        x = x + self.sem_proj(spatial)
+        x = x + self.sem_proj(self._spatial_encoding(x))
 
         n = self.attn_norm(x)
         attention = self.attn_dw(F.gelu(self.attn_gate(n)))
@@ -93,6 +93,22 @@ class LTMedNeXtBlock(nn.Module):
         t = F.gelu(self.mlp_up(self.mlp_norm(x)))
         t = t + F.gelu(self.mlp_dw(t))
         return x + self.drop_path(self.gamma_mlp * self.mlp_down(t))
+
+
+    def _spatial_encoding(self, x: torch.Tensor) -> torch.Tensor:
+        """``DW3(x) + DW5(x) + DW7(x)`` as one 7x7 depth-wise convolution: the three kernels, zero-padded to 7x7,
+        summed (convolution is linear). One pass over the feature map instead of three, same parameters."""
+        if is_exporting():
+            return self.sem_branches[0](x) + self.sem_branches[1](x) + self.sem_branches[2](x)
+        weights: list[torch.Tensor] = []
+        biases: list[torch.Tensor] = []
+        for branch in self.sem_branches:
+            pad = (7 - branch.weight.shape[-1]) // 2
+            weights.append(F.pad(branch.weight, [pad, pad, pad, pad]))
+            bias = branch.bias
+            assert bias is not None
+            biases.append(bias)
+        return F.conv2d(x, torch.stack(weights).sum(0), torch.stack(biases).sum(0), padding=3, groups=x.shape[1])
 
 
 class LTMedNeXtEncoder(nn.Module):

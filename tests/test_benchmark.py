@@ -62,3 +62,16 @@ def test_unknown_network_is_rejected() -> None:
         del sys.modules[spec.name]
     with pytest.raises(ValueError, match="unknown networks"):
         module.main(networks="litenext,no_such_net")
+
+
+def test_pipeline_benchmark_writes_table(tmp_path: Path) -> None:
+    output = tmp_path / "pipeline.md"
+    command = [sys.executable, str(REPO_ROOT / "tools" / "benchmark_pipeline.py"), "--shape", "64,48,4",
+               "--threads", "1", "--repeats", "1", "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert sorted(tmp_path.iterdir()) == [output]
+    rows = [_cells(line) for line in output.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row[0] for row in rows] == ["LTMedNeXt-T (bundle)", "MONAI UNet (same pipeline)"]
+    assert rows[1][2] == "1.00"
+    assert all(float(row[1]) > 0 and 100 < float(row[3]) < 8000 for row in rows)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from networks import LiteNeXt, LTMedNeXt, LTMedNeXtClassifier
+from networks.ltmednext import LTMedNeXtBlock
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -70,6 +71,17 @@ def test_litenext_fused_decoder_equals_published_order():
         a, b = fused(x), published(x)
     assert a.abs().max() > 1e-2  # not a trivially small output
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_ltmednext_merged_spatial_encoding_equals_three_branches():
+    block = LTMedNeXtBlock(16).eval()
+    for branch in block.sem_branches:
+        torch.nn.init.normal_(branch.weight)
+        torch.nn.init.normal_(branch.bias)
+    x = torch.randn(2, 16, 20, 24)
+    with torch.no_grad():
+        three_branches = sum(branch(x) for branch in block.sem_branches)
+        torch.testing.assert_close(block._spatial_encoding(x), three_branches, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("net,shape", [(lambda: LiteNeXt(base_channels=8), (2, 3, 32, 32)),
