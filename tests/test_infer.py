@@ -45,7 +45,8 @@ def test_segments_nifti_and_dicom_on_their_own_grid(random_weight_bundle, tmp_pa
     out = tmp_path / "out"
     assert run(str(random_weight_bundle), str(source), str(out), overlay=True) == 0
     rows = _summary(out)
-    assert list(rows[0]) == ["case", "input", "status", "output", "seconds", "message"]
+    assert list(rows[0])[:6] == ["case", "input", "status", "output", "seconds", "message"]
+    assert {"liver_ml", "pancreas_ml"} <= set(rows[0])
     assert [r["status"] for r in rows] == ["ok", "ok"]
     by_input = {os.path.basename(r["input"]): r for r in rows}
     nifti_out = nib.load(by_input["ct.nii.gz"]["output"])
@@ -81,6 +82,69 @@ def test_bad_cases_are_reported_and_the_batch_goes_on(random_weight_bundle, tmp_
         assert rows[name]["status"] == "failed" and rows[name]["output"] == ""
         assert f"{name}.nii.gz" in rows[name]["message"] and problem in rows[name]["message"]
     assert sorted(os.listdir(out)) == ["a_good_seg.nii.gz", "summary.csv", "summary.json"]
+
+
+def _dicom_copy(tmp_path, keep=lambda i: True):
+    """The real 20-slice CT series, copied with only the slices for which ``keep(index)`` is true."""
+    source = shared_data("ct_dicom_series", "totalsegmentator_example_ct")
+    target = tmp_path / "in" / "séries 1"
+    target.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(source))):
+        if keep(i):
+            shutil.copy(os.path.join(source, name), target / name)
+    return target
+
+
+def test_more_bad_input_is_reported_with_its_reason(random_weight_bundle, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    image = make_ct_volume()[0]
+    (source / "empty.nii.gz").write_bytes(b"")
+    (source / "text.nii").write_text("hello, not an image")
+    _nifti(source / "flat.nii.gz", image[..., 0])
+    huge = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    huge.header.set_data_shape((4096, 4096, 4096))  # the header lies: 256 GiB claimed, a few bytes stored
+    with open(source / "huge.nii", "wb") as f:
+        f.write(huge.header.binaryblock + b"\0" * 4 + np.zeros(8, np.int16).tobytes())
+    _nifti(source / "zeros.nii.gz", np.zeros_like(image))
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(source), str(out), num_workers=2) == 1
+    rows = {r["case"]: r for r in _summary(out)}
+    for name, problem in (("empty", "NIfTI"), ("text", "NIfTI"), ("flat", "3D volume"), ("huge", "GiB limit")):
+        assert rows[name]["status"] == "failed", rows[name]
+        assert name in rows[name]["message"] and problem in rows[name]["message"], rows[name]["message"]
+    assert rows["zeros"]["status"] == "ok" and "holds no image" in rows["zeros"]["message"]
+    assert nib.load(rows["zeros"]["output"]).shape == image.shape
+
+
+def test_dicom_series_with_a_missing_slice_fails_clearly(random_weight_bundle, tmp_path):
+    series = _dicom_copy(tmp_path, keep=lambda i: i != 9)
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out)) == 1
+    (row,) = _summary(out)
+    assert row["status"] == "failed" and "missing slice" in row["message"] and "séries 1" in row["message"]
+
+
+def test_dicom_series_with_a_corrupt_slice_fails_clearly(random_weight_bundle, tmp_path):
+    series = _dicom_copy(tmp_path)
+    victim = sorted(series.iterdir())[7]
+    victim.write_bytes(victim.read_bytes()[:600])  # truncated: header gone, pixels gone
+    (series / "junk.dat").write_bytes(os.urandom(2048))
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out)) == 1
+    (row,) = _summary(out)
+    assert row["status"] == "failed" and "séries 1" in row["message"], row
+
+
+def test_leftovers_of_a_killed_run_are_removed(random_weight_bundle, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    _nifti(source / "a.nii.gz", make_ct_volume()[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp_abc.nii.gz").write_bytes(b"half a file")
+    assert run(str(random_weight_bundle), str(source), str(out)) == 0
+    assert sorted(os.listdir(out)) == ["a_seg.nii.gz", "summary.csv", "summary.json"]
 
 
 @pytest.mark.parametrize("problem", ["no_bundle", "no_input", "unwritable"])

@@ -3,8 +3,10 @@
 INPUT is a NIfTI file, a DICOM series folder, or a folder searched recursively for NIfTI files and DICOM series
 (grouped by SeriesInstanceUID; several series in one folder become several cases). Each case gives one label NIfTI
 on the input's grid (``<case>_seg.nii.gz``) in OUTPUT_DIR, written under a temporary name and renamed, plus
-``summary.csv`` (case,input,status,output,seconds,message) and ``summary.json``. A case whose output already exists
-is skipped, so an interrupted batch resumes where it stopped; a failing case is reported and the batch carries on.
+``summary.csv`` (case,input,status,output,seconds,message, then one ``<structure>_ml`` volume column per label) and
+``summary.json``. A case whose output already exists is skipped, so an interrupted batch resumes where it stopped
+(temporary files a killed run left are removed); a failing case is reported and the batch carries on. Headers are
+checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM series with a missing slice are refused.
 
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
 ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting.
@@ -13,7 +15,7 @@ Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundl
 
 Examples::
 
-    python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct out/
+    python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct_dicom out/
     python tools/infer.py bundles/synapse_ltmednext_segmentation /data/dicom out/ --overlay --device cpu
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -28,12 +31,15 @@ import re
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import fire
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TMP_PREFIX = ".tmp_"  # files being written; a run removes leftovers of a killed run from OUTPUT_DIR
+MAX_VOLUME_BYTES = 4 * 2**30  # a volume larger than this as float32 is refused before it is read
 SUMMARY_FIELDS = ("case", "input", "status", "output", "seconds", "message")
 log = logging.getLogger("infer")
 
@@ -158,16 +164,20 @@ class BundleRunner:
         from monai.data import ITKReader
         from monai.transforms import LoadImage
 
+        check_header(case)
         if case.kind == "dicom":
             reader = ITKReader(series_name=case.series_uid) if case.series_uid else ITKReader()
             return LoadImage(reader=reader, image_only=True)(case.input)
         return LoadImage(image_only=True)(case.input)
 
     def __call__(self, case: Case):
+        return self.segment(self.load(case), case.input)
+
+    def segment(self, image, source: str):
+        """The label volume of a loaded ``image`` on its own grid."""
         import torch
 
-        image = self.load(case)
-        check_volume(image, case.input)
+        check_volume(image, source)
         data = self.after_loading({"image": image})
         with torch.inference_mode():
             data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].cpu()
@@ -185,6 +195,64 @@ def check_volume(image, source: str) -> None:
         raise ValueError(f"{source}: the volume holds NaN or infinite values.")
 
 
+def check_header(case: Case) -> None:
+    """Fail fast, before any voxel is read: unreadable headers, volumes too large to hold, gaps in a DICOM series."""
+    if case.kind == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = tuple(int(n) for n in nib.load(case.input).header.get_data_shape())
+        except Exception as e:
+            raise ValueError(f"{case.input}: not a readable NIfTI file ({str(e).splitlines()[0] if str(e) else e!r}).")
+    else:
+        shape = _check_dicom_positions(case)
+    size = 4 * int(np.prod(shape, dtype=np.float64))  # bytes once loaded as float32
+    if size > MAX_VOLUME_BYTES:
+        raise ValueError(f"{case.input}: the header claims a volume of shape {shape} ({size / 2**30:.1f} GiB as "
+                         f"float32), over the {MAX_VOLUME_BYTES / 2**30:.0f} GiB limit.")
+
+
+def _check_dicom_positions(case: Case) -> tuple[int, ...]:
+    """The series' shape from its headers; a missing slice (a gap in the positions) or a duplicate is an error."""
+    import pydicom
+
+    positions, shape = [], ()
+    for name in sorted(os.listdir(case.input)):
+        path = os.path.join(case.input, name)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue  # not DICOM: ignored, as in discovery
+        if str(getattr(ds, "SeriesInstanceUID", "") or "") != case.series_uid or "ImagePositionPatient" not in ds:
+            continue
+        orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64))))
+        shape = (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
+    if not positions:
+        raise ValueError(f"{case.input}: no DICOM image slices with a position were found for this series.")
+    positions.sort()
+    steps = np.diff(positions)
+    if len(steps):
+        spacing = float(np.median(steps))
+        if steps.min() < 1e-3 * max(spacing, 1e-3):
+            raise ValueError(f"{case.input}: two slices share one position; the series holds duplicates or several "
+                             f"acquisitions (split it into one folder per volume).")
+        gaps = np.flatnonzero(steps > 1.5 * spacing)
+        if len(gaps):
+            i = int(gaps[0])
+            raise ValueError(f"{case.input}: missing slice(s) between positions {positions[i]:.2f} and "
+                             f"{positions[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); a slice file is missing "
+                             f"or unreadable.")
+    return (*shape, len(positions))
+
+
+def volume_warning(image) -> str:
+    """A message for input that is valid but suspicious (segmented anyway)."""
+    low, high = float(image.min()), float(image.max())
+    return f"warning: every voxel is {low:g}; the volume holds no image" if low == high else ""
+
+
 def save_label(label, output_path: str) -> None:
     """Write a uint8 label NIfTI with the label's affine, under a temporary name first."""
     import nibabel as nib
@@ -193,7 +261,7 @@ def save_label(label, output_path: str) -> None:
     array = array[0] if array.ndim == 4 else array
     affine = np.asarray(label.affine, dtype=np.float64) if hasattr(label, "affine") else np.eye(4)
     folder = os.path.dirname(output_path)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".nii.gz")
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=".nii.gz")
     os.close(handle)
     try:
         nib.save(nib.Nifti1Image(array.astype(np.uint8), affine), tmp)
@@ -211,32 +279,63 @@ def label_volumes_ml(label, names: dict[int, str]) -> dict[str, float]:
 
 
 def write_summary(output_dir: str, results: list[Result]) -> None:
-    """summary.csv and summary.json, each written atomically."""
+    """summary.csv (one column per labelled structure's volume in ml after the fixed ones) and summary.json, each
+    written atomically."""
+    volume_names = list(dict.fromkeys(name for r in results for name in r.volumes_ml))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=[*SUMMARY_FIELDS, *(f"{n}_ml" for n in volume_names)],
+                            extrasaction="ignore")
     writer.writeheader()
     for r in results:
-        writer.writerow({**asdict(r), "seconds": f"{r.seconds:.2f}"})
+        writer.writerow({**asdict(r), "seconds": f"{r.seconds:.2f}", **{f"{n}_ml": v for n, v in r.volumes_ml.items()}})
     for name, text in (("summary.csv", buffer.getvalue()),
                        ("summary.json", json.dumps([asdict(r) for r in results], indent=2))):
-        handle, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp_")
+        handle, tmp = tempfile.mkstemp(dir=output_dir, prefix=TMP_PREFIX)
         with os.fdopen(handle, "w", newline="") as f:
             f.write(text)
         os.replace(tmp, os.path.join(output_dir, name))
 
 
 def check_output_dir(output_dir: str) -> None:
+    """Create OUTPUT_DIR, prove it writable, and remove temporary files a killed run left behind."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".tmp_probe")
+        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=TMP_PREFIX)
         os.close(handle)
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"{output_dir}: output folder is not writable ({e.strerror or e}).") from e
+    for name in os.listdir(output_dir):
+        if name.startswith(TMP_PREFIX):
+            os.remove(os.path.join(output_dir, name))
+
+
+def _loaded(cases: list[Case], runner: BundleRunner, num_workers: int):
+    """Yield ``(case, future of its loaded image)``, reading up to ``num_workers`` cases ahead in threads."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    if num_workers < 1:
+        for case in cases:
+            future: Future = Future()
+            try:
+                future.set_result(runner.load(case))
+            except Exception as e:
+                future.set_exception(e)
+            yield case, future
+        return
+    with ThreadPoolExecutor(num_workers) as pool:
+        upcoming = iter(cases)
+        queue = deque((case, pool.submit(runner.load, case)) for case in itertools.islice(upcoming, num_workers))
+        while queue:
+            case, future = queue.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                queue.append((following, pool.submit(runner.load, following)))
+            yield case, future
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-        num_threads: int = 0) -> int:
+        num_threads: int = 0, num_workers: int = 0) -> int:
     """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code."""
     import torch
 
@@ -247,52 +346,56 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     if not cases:
         raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
     runner = BundleRunner(bundle_dir, device)
-    results: list[Result] = []
-    progress = _progress(cases)
-    for case in progress:
-        output = os.path.join(output_dir, f"{case.name}_seg.nii.gz")
-        if os.path.isfile(output):
-            results.append(Result(case.name, case.input, "skipped", output, 0.0, "output exists"))
-            continue
+    outputs = {case.name: os.path.join(output_dir, f"{case.name}_seg.nii.gz") for case in cases}
+    results = {case.name: Result(case.name, case.input, "skipped", outputs[case.name], 0.0, "output exists")
+               for case in cases if os.path.isfile(outputs[case.name])}
+    todo = [case for case in cases if case.name not in results]
+    progress = _progress(len(todo))
+    for case, image in _loaded(todo, runner, num_workers):
         start = time.perf_counter()
         try:
-            label = runner(case)
-            save_label(label, output)
+            volume = image.result()
+            label = runner.segment(volume, case.input)
+            save_label(label, outputs[case.name])
             if overlay:
                 from tools.overlay import save_overlay
 
-                save_overlay(runner.load(case), label, os.path.join(output_dir, f"{case.name}_overlay.png"),
-                             runner.labels)
-            result = Result(case.name, case.input, "ok", output, time.perf_counter() - start,
-                            volumes_ml=label_volumes_ml(label, runner.labels))
+                save_overlay(volume, label, os.path.join(output_dir, f"{case.name}_overlay.png"), runner.labels)
+            result = Result(case.name, case.input, "ok", outputs[case.name], time.perf_counter() - start,
+                            volume_warning(volume), label_volumes_ml(label, runner.labels))
         except Exception as e:  # one bad case must not stop the batch
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             if case.input not in message:
                 message = f"{case.input}: {message}"
             result = Result(case.name, case.input, "failed", "", time.perf_counter() - start, message)
-            log.error("case %s failed: %s", case.name, message)
-        results.append(result)
-        write_summary(output_dir, results)
-    write_summary(output_dir, results)
-    failed = sum(r.status == "failed" for r in results)
-    log.info("%d cases: %d ok, %d skipped, %d failed", len(results), sum(r.status == "ok" for r in results),
-             sum(r.status == "skipped" for r in results), failed)
+        results[case.name] = result
+        (log.error if result.status == "failed" else log.info)(
+            "case %s: %s in %.1f s %s", case.name, result.status, result.seconds, result.message)
+        progress.update()
+        write_summary(output_dir, [results[c.name] for c in cases if c.name in results])
+    progress.close()
+    ordered = [results[c.name] for c in cases]
+    write_summary(output_dir, ordered)
+    failed = sum(r.status == "failed" for r in ordered)
+    log.info("%d cases: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
+             sum(r.status == "skipped" for r in ordered), failed)
     return 1 if failed else 0
 
 
-def _progress(cases: list[Case]):
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+def _progress(total: int):
+    """A tqdm bar on a terminal; elsewhere a stand-in, and the per-case log lines carry the progress."""
+    from tqdm import tqdm
 
-        return tqdm(cases, unit="case")
-    return cases
+    return tqdm(total=total, unit="case", disable=not sys.stderr.isatty())
 
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-         num_threads: int = 0) -> None:
+         num_threads: int = 0, num_workers: int = 0) -> None:
+    """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
+    while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        code = run(bundle_dir, input, output_dir, device, overlay, num_threads)
+        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
