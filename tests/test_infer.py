@@ -136,6 +136,44 @@ def test_dicom_series_with_a_corrupt_slice_fails_clearly(random_weight_bundle, t
     assert row["status"] == "failed" and "séries 1" in row["message"], row
 
 
+def test_dicom_seg_references_the_series_and_matches_the_nifti(random_weight_bundle, tmp_path):
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    series = _dicom_copy(tmp_path)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for path in sorted(series.iterdir()):  # the shipped sample is anonymised without UIDs; give the copy some
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID = study_uid, series_uid, CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.save_as(path)
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out), dicom_seg=True) == 0
+    (row,) = _summary(out)
+    seg = hd.seg.segread(os.path.join(out, f"{row['case']}_seg.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert seg.StudyInstanceUID == study_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence][:2] == ["spleen", "right kidney"]
+    label = np.asarray(nib.load(row["output"]).dataobj)
+    frame_segments = [item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+                      for item in seg.PerFrameFunctionalGroupsSequence]
+    pixels = seg.pixel_array.reshape(len(frame_segments), -1).sum(1)
+    for number in range(1, 9):  # every segment holds as many pixels as the NIfTI label has voxels of it
+        assert sum(p for s, p in zip(frame_segments, pixels) if s == number) == int((label == number).sum()), number
+    assert run(str(random_weight_bundle), str(series.parent), str(out), dicom_seg=True) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped"]
+
+
+def test_dicom_seg_without_uids_fails_clearly(random_weight_bundle, tmp_path):
+    series = _dicom_copy(tmp_path)
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out), dicom_seg=True) == 1
+    (row,) = _summary(out)
+    assert "SOPInstanceUID" in row["message"] and "séries 1" in row["message"]
+
+
 def test_leftovers_of_a_killed_run_are_removed(random_weight_bundle, tmp_path):
     source = tmp_path / "in"
     source.mkdir()

@@ -143,6 +143,8 @@ class BundleRunner:
                            parser.get("_meta_#network_data_format#outputs#pred#channel_def", {}).items()}
         else:
             self.labels = {}
+        self.name = os.path.basename(os.path.abspath(bundle_dir))
+        self.version = str(parser.get("_meta_#version", "0"))
         parser["bundle_root"] = bundle_dir
         parser["device"] = f"$torch.device('{device}')"
         self.device = torch.device(device)
@@ -335,9 +337,11 @@ def _loaded(cases: list[Case], runner: BundleRunner, num_workers: int):
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-        num_threads: int = 0, num_workers: int = 0) -> int:
+        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False) -> int:
     """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code."""
     import torch
+
+    from tools.dicom_seg import source_slices, write_dicom_seg
 
     if num_threads > 0:
         torch.set_num_threads(num_threads)
@@ -347,15 +351,23 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
         raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
     runner = BundleRunner(bundle_dir, device)
     outputs = {case.name: os.path.join(output_dir, f"{case.name}_seg.nii.gz") for case in cases}
+    seg_outputs = {case.name: os.path.join(output_dir, f"{case.name}_seg.dcm") for case in cases
+                   if dicom_seg and case.kind == "dicom"}
     results = {case.name: Result(case.name, case.input, "skipped", outputs[case.name], 0.0, "output exists")
-               for case in cases if os.path.isfile(outputs[case.name])}
+               for case in cases
+               if all(os.path.isfile(p) for p in (outputs[case.name], seg_outputs.get(case.name, outputs[case.name])))}
     todo = [case for case in cases if case.name not in results]
     progress = _progress(len(todo))
     for case, image in _loaded(todo, runner, num_workers):
         start = time.perf_counter()
         try:
+            if case.name in seg_outputs:
+                source_slices(case.input, case.series_uid)  # fail before any work when SEG is impossible
             volume = image.result()
             label = runner.segment(volume, case.input)
+            if case.name in seg_outputs:
+                write_dicom_seg(label, case.input, case.series_uid, runner.labels, seg_outputs[case.name],
+                                runner.name, runner.version)
             save_label(label, outputs[case.name])
             if overlay:
                 from tools.overlay import save_overlay
@@ -390,12 +402,14 @@ def _progress(total: int):
 
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-         num_threads: int = 0, num_workers: int = 0) -> None:
+         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False) -> None:
     """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
-    while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads."""
+    while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads;
+    ``dicom_seg`` also writes ``<case>_seg.dcm``, a DICOM Segmentation referencing the source series, for DICOM
+    input (the series must carry its UIDs)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers)
+        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
