@@ -185,6 +185,33 @@ def test_leftovers_of_a_killed_run_are_removed(random_weight_bundle, tmp_path):
     assert sorted(os.listdir(out)) == ["a_seg.nii.gz", "summary.csv", "summary.json"]
 
 
+def test_kill_9_mid_batch_loses_nothing_and_the_rerun_finishes(random_weight_bundle, tmp_path):
+    import signal
+    import time
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for i in range(6):
+        _nifti(source / f"case {i}.nii.gz", make_ct_volume(shape=(96, 80, 24), seed=i)[0])
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(REPO, "tools", "infer.py"), str(random_weight_bundle), str(source), str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and any(n.endswith("_seg.nii.gz") for n in os.listdir(out))):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = sorted(n for n in os.listdir(out) if n.endswith("_seg.nii.gz"))
+    assert 1 <= len(finished) < 6
+    for name in finished:  # whatever exists under a final name is complete
+        assert nib.load(str(out / name)).get_fdata().shape == (96, 80, 24)
+    assert run(str(random_weight_bundle), str(source), str(out)) == 0
+    rows = _summary(out)
+    assert [r["status"] for r in rows].count("skipped") == len(finished)
+    assert [r["status"] for r in rows].count("ok") == 6 - len(finished)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp_")]
+
+
 @pytest.mark.parametrize("problem", ["no_bundle", "no_input", "unwritable"])
 def test_usage_errors_exit_2(problem, random_weight_bundle, tmp_path):
     image = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
