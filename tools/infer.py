@@ -173,14 +173,17 @@ class BundleRunner:
         return LoadImage(image_only=True)(case.input)
 
     def __call__(self, case: Case):
-        return self.segment(self.load(case), case.input)
+        return self.segment({"image": self.load(case)}, case.input)
 
-    def segment(self, image, source: str):
-        """The label volume of a loaded ``image`` on its own grid."""
+    def segment(self, item: dict, source: str):
+        """The label volume, on its own grid, of the volume in ``item``; the volume is taken out of ``item`` so that
+        it is freed as soon as preprocessing no longer needs it."""
         import torch
 
+        image = take_volume(item)
         check_volume(image, source)
         data = self.after_loading({"image": image})
+        del image
         with torch.inference_mode():
             data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].cpu()
         return self.postprocessing(data)["pred"]
@@ -312,28 +315,46 @@ def check_output_dir(output_dir: str) -> None:
             os.remove(os.path.join(output_dir, name))
 
 
-def _loaded(cases: list[Case], runner: BundleRunner, num_workers: int):
-    """Yield ``(case, future of its loaded image)``, reading up to ``num_workers`` cases ahead in threads."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+class _ReadAhead:
+    """Iterates ``(case, {"image": volume})``, reading up to ``num_workers`` cases ahead in threads (inline for 0).
 
-    if num_workers < 1:
-        for case in cases:
-            future: Future = Future()
-            try:
-                future.set_result(runner.load(case))
-            except Exception as e:
-                future.set_exception(e)
-            yield case, future
-        return
-    with ThreadPoolExecutor(num_workers) as pool:
-        upcoming = iter(cases)
-        queue = deque((case, pool.submit(runner.load, case)) for case in itertools.islice(upcoming, num_workers))
-        while queue:
-            case, future = queue.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                queue.append((following, pool.submit(runner.load, following)))
-            yield case, future
+    A reading error is raised by ``take_volume(item)``, in the consumer. Nothing here keeps a volume once it is handed
+    over, so the caller can release it (``dict.pop``) while its case is still being segmented."""
+
+    def __init__(self, cases: list[Case], load, num_workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.load = load
+        self.upcoming = iter(cases)
+        self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self.queue = deque(self._start(case) for case in itertools.islice(self.upcoming, max(num_workers, 1)))
+
+    def _start(self, case: Case):
+        return case, (self.pool.submit(self.load, case) if self.pool else None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Case, dict]:
+        if not self.queue:
+            if self.pool:
+                self.pool.shutdown()
+            raise StopIteration
+        case, future = self.queue.popleft()
+        following = next(self.upcoming, None)
+        if following is not None:
+            self.queue.append(self._start(following))
+        try:
+            return case, {"image": future.result() if future else self.load(case)}
+        except Exception as e:
+            return case, {"error": e}
+
+
+def take_volume(item: dict):
+    """The volume :class:`_ReadAhead` read for a case, taken out of ``item``; re-raises its reading error."""
+    if "error" in item:
+        raise item.pop("error")
+    return item.pop("image")
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
@@ -358,13 +379,13 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
                if all(os.path.isfile(p) for p in (outputs[case.name], seg_outputs.get(case.name, outputs[case.name])))}
     todo = [case for case in cases if case.name not in results]
     progress = _progress(len(todo))
-    for case, image in _loaded(todo, runner, num_workers):
+    for case, item in _ReadAhead(todo, runner.load, num_workers):
         start = time.perf_counter()
         try:
             if case.name in seg_outputs:
                 source_slices(case.input, case.series_uid)  # fail before any work when SEG is impossible
-            volume = image.result()
-            label = runner.segment(volume, case.input)
+            warning = volume_warning(item["image"]) if "image" in item else ""
+            label = runner.segment(item, case.input)  # takes the volume out of item: freed while inferring
             if case.name in seg_outputs:
                 write_dicom_seg(label, case.input, case.series_uid, runner.labels, seg_outputs[case.name],
                                 runner.name, runner.version)
@@ -372,9 +393,10 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
             if overlay:
                 from tools.overlay import save_overlay
 
-                save_overlay(volume, label, os.path.join(output_dir, f"{case.name}_overlay.png"), runner.labels)
+                save_overlay(runner.load(case), label, os.path.join(output_dir, f"{case.name}_overlay.png"),
+                             runner.labels)
             result = Result(case.name, case.input, "ok", outputs[case.name], time.perf_counter() - start,
-                            volume_warning(volume), label_volumes_ml(label, runner.labels))
+                            warning, label_volumes_ml(label, runner.labels))
         except Exception as e:  # one bad case must not stop the batch
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             if case.input not in message:
