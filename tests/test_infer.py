@@ -212,6 +212,23 @@ def test_kill_9_mid_batch_loses_nothing_and_the_rerun_finishes(random_weight_bun
     assert not [n for n in os.listdir(out) if n.startswith(".tmp_")]
 
 
+def test_onnx_engine_matches_torch(random_weight_bundle, tmp_path):
+    import torch
+
+    from tools.infer import BundleRunner
+
+    eager, onnx = BundleRunner(str(random_weight_bundle)), BundleRunner(str(random_weight_bundle), engine="onnx")
+    x = torch.rand(3, 1, 224, 224)
+    with torch.no_grad():
+        assert float((onnx.network(x) - eager.network(x)).abs().max()) < 1e-4
+    source = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
+    labels = {}
+    for engine in ("torch", "onnx"):
+        assert run(str(random_weight_bundle), source, str(tmp_path / engine), engine=engine) == 0
+        labels[engine] = np.asarray(nib.load(str(tmp_path / engine / "ct_seg.nii.gz")).dataobj)
+    assert (labels["torch"] == labels["onnx"]).mean() > 0.999
+
+
 @pytest.mark.parametrize("problem", ["no_bundle", "no_input", "unwritable"])
 def test_usage_errors_exit_2(problem, random_weight_bundle, tmp_path):
     image = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
