@@ -46,11 +46,12 @@ def write_json_atomic(path: str, content: object) -> None:
 
 def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dict] = (),
                    test: Sequence[dict] = (), **extra: object) -> dict:
-    """Write a MONAI datalist (``training``/``validation``/``test`` lists of dicts) with paths relative to it."""
+    """Write a MONAI datalist (``training``/``validation``/``test`` lists of dicts) with the ``image`` and ``label``
+    paths (absolute, or relative to the working directory) stored relative to the datalist's folder."""
     root = os.path.dirname(os.path.abspath(path))
 
     def relative(items: Sequence[dict]) -> list[dict]:
-        return [{k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v
+        return [{k: os.path.relpath(os.path.abspath(v), root) if k in ("image", "label") else v
                  for k, v in item.items()} for item in items]
 
     datalist = {**extra, "training": relative(training), "validation": relative(validation), "test": relative(test)}

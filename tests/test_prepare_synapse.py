@@ -90,3 +90,16 @@ def test_transunet_layout(tmp_path):
 def test_missing_validation_case_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"\[99\]"):
         prepare_synapse._split([{"btcv_id": 5}], (99,))
+
+
+def test_datalist_paths_given_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from networks.data import write_datalist
+
+    (tmp_path / "out" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "out" / "imagesTr" / "a.nii.gz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "out" / "datalist.json")
+    write_datalist(path, [{"image": "out/imagesTr/a.nii.gz", "case": "a"}])
+    with open(path) as f:
+        assert json.load(f)["training"] == [{"image": "imagesTr/a.nii.gz", "case": "a"}]
+    assert os.path.isfile(load_datalist(path, "training")[0]["image"])
