@@ -72,6 +72,7 @@ def test_pipeline_benchmark_writes_table(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert sorted(tmp_path.iterdir()) == [output]
     rows = [_cells(line) for line in output.read_text().splitlines() if line.startswith("| ")][2:]
-    assert [row[0] for row in rows] == ["LTMedNeXt-T (bundle)", "MONAI UNet (same pipeline)"]
-    assert rows[1][2] == "1.00"
+    assert [row[0] for row in rows] == ["LTMedNeXt-T (bundle)", "LTMedNeXt-T (bundle, --engine onnx)",
+                                        "MONAI UNet (same pipeline)"]
+    assert rows[2][2] == "1.00"
     assert all(float(row[1]) > 0 and 100 < float(row[3]) < 8000 for row in rows)

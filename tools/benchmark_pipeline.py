@@ -4,11 +4,12 @@
 
 It writes a synthetic CT NIfTI of the given shape (HU values: air, a body ellipse with soft tissue, bone) and runs
 the Synapse bundle's own inference pipeline (``tools/infer.py``'s ``BundleRunner``: ``configs/inference.json``) on
-it once per network, each in a fresh subprocess so that peak RSS (``ru_maxrss`` of that process, interpreter and
+it once per network (and once with ``--engine onnx``, ONNX Runtime), each in a fresh subprocess so that peak RSS (``ru_maxrss`` of that process, interpreter and
 libraries included) belongs to one pipeline alone. The MONAI UNet row swaps ``network_def`` through
 ``configs/unet_baseline.json``, everything else unchanged. Both networks get random weights of their own
 architecture: speed and memory do not depend on the values. Seconds are the best of ``repeats`` runs of one case
-(read, preprocess, infer, invert to the input grid, write the label NIfTI); model construction is reported apart.
+(read, preprocess, infer, invert to the input grid, write the label NIfTI); model construction (and the ONNX export)
+is reported apart.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO_ROOT, "bundles", "synapse_ltmednext_segmentation")
-PIPELINES = {
-    "LTMedNeXt-T (bundle)": (),
-    "MONAI UNet (same pipeline)": (os.path.join(BUNDLE, "configs", "unet_baseline.json"),),
+UNET_CONFIG = os.path.join(BUNDLE, "configs", "unet_baseline.json")
+PIPELINES = {  # name: (extra configs, engine)
+    "LTMedNeXt-T (bundle)": ((), "torch"),
+    "LTMedNeXt-T (bundle, --engine onnx)": ((), "onnx"),
+    "MONAI UNet (same pipeline)": ((UNET_CONFIG,), "torch"),
 }
 
 
@@ -48,7 +51,8 @@ def write_synthetic_ct(path: str, shape: tuple[int, int, int], spacing=(0.8, 0.8
     nib.save(nib.Nifti1Image(volume, np.diag([*spacing, 1.0])), path)
 
 
-def measure(volume: str, extra_configs: tuple[str, ...] = (), threads: int = 2, repeats: int = 2) -> None:
+def measure(volume: str, extra_configs: tuple[str, ...] = (), threads: int = 2, repeats: int = 2,
+            engine: str = "torch") -> None:
     """Run in a subprocess: one pipeline on one volume; prints a JSON line with seconds and peak RSS."""
     import torch
 
@@ -60,7 +64,7 @@ def measure(volume: str, extra_configs: tuple[str, ...] = (), threads: int = 2, 
         start = time.perf_counter()
         weights = os.path.join(tmp, "random.pt")
         torch.save(_network(tuple(extra_configs)).state_dict(), weights)
-        runner = BundleRunner(BUNDLE, "cpu", tuple(extra_configs), weights)
+        runner = BundleRunner(BUNDLE, "cpu", tuple(extra_configs), weights, engine)
         setup = time.perf_counter() - start
         case = Case("bench", volume, "nifti")
         seconds = []
@@ -94,9 +98,9 @@ def main(shape: str | tuple = "512,512,150", threads: int = 2, repeats: int = 2,
     with tempfile.TemporaryDirectory() as tmp:
         volume = os.path.join(tmp, "ct.nii.gz")
         write_synthetic_ct(volume, shape)
-        for name, extra in PIPELINES.items():
+        for name, (extra, engine) in PIPELINES.items():
             command = [sys.executable, os.path.abspath(__file__), "measure", volume, "--threads", str(threads),
-                       "--repeats", str(repeats), "--extra_configs", json.dumps(list(extra))]
+                       "--repeats", str(repeats), "--extra_configs", json.dumps(list(extra)), "--engine", engine]
             done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
             if done.returncode != 0:
                 raise RuntimeError(f"{name} pipeline failed:\n{done.stderr[-3000:]}")
