@@ -11,12 +11,18 @@ checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM ser
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
 ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting.
 
-Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundle missing, output not writable).
+Cases run here, one after another, unless ``--ray_address`` sends them to a Ray cluster (``tools/ray_engine.py``,
+imported only then; ``pip install -e ".[distributed]"``): the same plan, per-case processing and summary, only where
+each case runs differs. BUNDLE_DIR, INPUT and OUTPUT_DIR must then be on a filesystem every node sees.
+
+Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundle missing, output not writable, Ray
+not installed, Ray address malformed or unreachable).
 
 Examples::
 
     python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct_dicom out/
     python tools/infer.py bundles/synapse_ltmednext_segmentation /data/dicom out/ --overlay --device cpu
+    python tools/infer.py bundles/synapse_ltmednext_segmentation /nfs/studies /nfs/out --ray_address 10.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -493,8 +499,12 @@ class Summary:
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None) -> int:
-    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code."""
+        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
+        ray_address: str | None = None) -> int:
+    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code. With ``ray_address``
+    the cases run on a Ray cluster (tools/ray_engine.py); otherwise here, one after another."""
+    if ray_address:
+        return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address)
     import torch
 
     if num_threads > 0:
@@ -508,6 +518,31 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     return summary.finish()
 
 
+def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overlay: bool, num_threads: int,
+                dicom_seg: bool, engine: str | None, ray_address: str) -> int:
+    """The same plan, processing and summary as :func:`run`; Ray decides where each case runs. Paths are made
+    absolute: every node resolves them on the shared filesystem. Nothing is written before the cluster answers."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise UsageError("--ray_address needs Ray, which is not installed; install it with: "
+                         'pip install -e ".[distributed]"') from e
+    from tools import ray_engine
+
+    if engine not in (None, *ENGINES):
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    bundle_dir, input, output_dir = (os.path.abspath(p) for p in (bundle_dir, input, output_dir))
+    check_bundle(bundle_dir)
+    with ray_engine.connect(ray_address):
+        check_output_dir(output_dir)
+        cases, todo = plan(input, output_dir, dicom_seg, overlay)
+        summary = Summary(output_dir, cases, todo)
+        settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads}
+        ray_engine.process_all(todo, settings, summary.record)
+        remove_temporary_files(output_dir)  # left by workers killed mid-write; their cases were redone elsewhere
+        return summary.finish()
+
+
 def _progress(total: int):
     """A tqdm bar on a terminal; elsewhere a stand-in, and the per-case log lines carry the progress."""
     from tqdm import tqdm
@@ -516,15 +551,19 @@ def _progress(total: int):
 
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None) -> None:
+         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
+         ray_address: str | None = None) -> None:
     """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
     while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads;
     ``dicom_seg`` also writes ``<case>_seg.dcm``, a DICOM Segmentation referencing the source series, for DICOM
     input (the series must carry its UIDs); ``engine`` is ``torch`` or ``onnx`` (ONNX Runtime on the CPU), by default
-    the inference config's ``engine``."""
+    the inference config's ``engine``. ``ray_address`` (``local``, ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)
+    runs the cases on a Ray cluster, one task of ``num_threads`` CPUs (default 1) per case; INPUT, OUTPUT_DIR and
+    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine)
+        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine,
+                   ray_address)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -533,4 +572,6 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    fire.Fire(main)
+    from tools.infer import main as tools_main  # one module for the driver and Ray's workers, not __main__ and a copy
+
+    fire.Fire(tools_main)
