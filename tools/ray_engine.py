@@ -1,8 +1,8 @@
 """The Ray engine of ``tools/infer.py --ray_address ADDRESS``: where each planned case runs, nothing else.
 
 ``tools/infer.py`` plans the batch (cases, output paths, skip-if-complete), processes one case
-(:func:`tools.infer.process_case`: segment, write atomically, build the Result) and records the summary rows. This module
-only sends each case to a Ray cluster as one task and hands each Result back to the recorder as it arrives.
+(:func:`tools.infer.process_case`: segment, write atomically, build the Result) and records the summary rows. This
+module only sends each case to a Ray cluster as one task and hands each Result back to the recorder as it arrives.
 
 Why tasks (and not actors or Ray Data): a task whose worker process is killed or whose node leaves the cluster is
 rerun elsewhere by Ray itself (``max_retries``), with no bookkeeping here; a case that fails on its own (corrupt file,
@@ -25,7 +25,7 @@ import ray
 from tools.infer import BundleRunner, Case, Result, UsageError, failed_result, process_case
 
 MAX_RETRIES = 3  # reruns of a case whose worker process or node died; a case that fails by itself is not rerun
-PROBE_TIMEOUT_S = 8  # per step of the reachability check, so a wrong address fails well within 30 s
+PROBE_TIMEOUT_S = 8  # per step of the reachability check (TCP, then one gRPC call): a wrong address fails within 30 s
 ADDRESS = re.compile(r"(?P<client>ray://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 ADDRESS_FORMS = "local, auto, HOST:PORT (a cluster started with `ray start --head`) or ray://HOST:10001 (Ray Client)"
 _RUNNERS: dict[tuple, BundleRunner] = {}  # in each worker process: the bundle it has loaded, by settings
@@ -84,25 +84,36 @@ def check_address(address: str) -> str:
 
 
 def _check_reachable(address: str) -> None:
-    """Fail fast (UsageError) unless something speaking gRPC, as Ray's GCS and Ray Client servers do, answers at
-    ``address``; ray.init itself would wait minutes on a wrong address."""
+    """Fail fast (UsageError) unless a Ray cluster answers at ``address``: its GCS for HOST:PORT, its Ray Client
+    server for ray://. ray.init alone waits minutes on a wrong address; each step here gives up after a few seconds."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
+
     match = ADDRESS.fullmatch(address)
-    host, port = match["host"].strip("[]"), int(match["port"])
+    host, port, client = match["host"], int(match["port"]), bool(match["client"])
     try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
         raise UsageError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one with "
                          f"`ray start --head --port={port}` or use --ray_address local.") from e
-    try:
-        import grpc
-    except ImportError:
-        return
-    with grpc.insecure_channel(f"{match['host']}:{port}") as channel:
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        if client:
+            call = ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo
+            request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+        else:
+            call = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId
+            request = gcs_service_pb2.GetClusterIdRequest()
         try:
-            grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_S)
-        except grpc.FutureTimeoutError as e:
-            raise UsageError(f"{address} answers, but not as a Ray cluster (no gRPC); is the port that of "
-                             f"`ray start --head --port`, or 10001 for ray://?") from e
+            call(request, timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # a Ray cluster with token authentication
+                if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                    raise UsageError(f"the Ray cluster at {address} requires token authentication: export "
+                                     "RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN.") from e
+                return  # ray.init sends the token
+            expected = ("a Ray Client server (`ray start --head --ray-client-server-port`)" if client else
+                        "a Ray cluster (the --port of `ray start --head`; Ray Client ports take ray://)")
+            raise UsageError(f"{address} answers, but not as {expected}: {e.code().name}.") from e
 
 
 @contextlib.contextmanager
