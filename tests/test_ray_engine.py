@@ -322,3 +322,16 @@ def test_a_worker_loads_the_bundle_once_for_many_cases(ray_env, random_weight_bu
     first = ray_engine._runner(settings)
     assert ray_engine._runner(dict(settings)) is first  # the next case in this worker process reuses it
     assert ray_engine._runner({**settings, "engine": "torch"}) is not first
+
+
+def test_benchmark_reports_cases_per_minute_and_ray_overhead(ray_env, tmp_path):
+    from tools.benchmark_ray import main
+
+    output = tmp_path / "benchmark_ray.md"
+    main(cases=2, shape="48,40,6", workers="1", threads=1, output=str(output))
+    text = output.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| Engine | Ray workers | Wall (s) | Cases/min |")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["in-process, 1 torch thread",
+                                                                 "Ray, 1 worker (1 node, 1 CPU)"]
+    assert "s per case in steady state" in text and "labels equal the in-process ones" in text
