@@ -7,7 +7,8 @@ loopback port (``--conf zoo_source local`` so no model-zoo lookup, ``--conf sam2
 in a temporary folder). Checked: /info/ lists the model with the labels of its metadata; /infer on a real volume
 (uploaded) and on a datastore volume in another orientation returns a label on the input's grid (shape, affine)
 equal to this repository's own pipeline (tools/infer.py) and with structures labelled; /train runs one epoch on two
-labelled samples and writes new weights. The server's process group is stopped by its PID in any case.
+labelled samples and writes new weights. The server's process group is stopped by its PID in any case. Where strace
+works, every connect() of the server and its children is recorded, and none may leave loopback.
 
 Without the environment the test skips, except under CI=true, where it fails.
 """
@@ -130,12 +131,15 @@ def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
+    command = [mlpython, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+               "--conf", "models", name, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
+               "--host", "127.0.0.1", "--port", str(port)]
+    connects = tmp_path / "connect.log"
+    if _strace_works():  # record every connect() of the server and its children, to check it stays on loopback
+        command = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", str(connects), *command]
     with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [mlpython, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-             "--conf", "models", name, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         info = None
@@ -181,6 +185,20 @@ def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
         assert _sha256(str(weights)) != weights_before, "training did not write new weights to models/model.pt"
     finally:
         _stop(server)
+    if connects.exists():
+        outside = [line for line in connects.read_text().splitlines() if "connect(" in line and "AF_INET" in line
+                   and 'inet_addr("127.0.0.1")' not in line and 'inet_pton(AF_INET6, "::1"' not in line]
+        assert not outside, "the server connected beyond loopback:\n" + "\n".join(outside[:20])
+    else:
+        print("strace not usable here: outbound connections of the server were not recorded")
+
+
+def _strace_works() -> bool:
+    if not shutil.which("strace"):
+        return False
+    probe = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", os.devnull, "true"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
 
 
 def _stop(server: subprocess.Popen) -> None:
