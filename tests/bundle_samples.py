@@ -8,9 +8,13 @@ whose modality has no sample here fails the tests, naming this file, rather than
 
 from __future__ import annotations
 
+import atexit
+import functools
 import glob
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -49,6 +53,17 @@ def labels(bundle: str) -> dict[str, int]:
     """``{name: id}`` of the foreground classes, as MONAI Label reads them from metadata channel_def."""
     channels = _read(bundle, "metadata.json")["network_data_format"]["outputs"]["pred"]["channel_def"]
     return {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
+
+
+@functools.lru_cache(maxsize=None)
+def exported(bundle: str) -> str:
+    """The bundle exported by tools/export_bundle.py, once per test session (the MONAI Label and export tests share
+    it); removed when the session ends."""
+    from tools.export_bundle import export
+
+    folder = tempfile.mkdtemp(prefix="litemed_export_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return export(bundle, os.path.join(folder, f"{os.path.basename(bundle)}.zip"))
 
 
 def _save(path: str, array: np.ndarray, affine: np.ndarray) -> str:

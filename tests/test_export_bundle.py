@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle_samples import labelled_volumes, labels, volume_bundles
+from bundle_samples import exported, labelled_volumes, labels, volume_bundles
 from conftest import SYNAPSE
 from tools.export_bundle import UsageError, export
 from tools.verify_bundle import sha256
@@ -56,7 +56,7 @@ def _unzip(archive: str, target) -> str:
 def test_exported_bundle_runs_without_the_repository(bundle, clean_python, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    root = _unzip(export(bundle, str(tmp_path / "bundle.zip")), tmp_path / "unzipped")
+    root = _unzip(exported(bundle), tmp_path / "unzipped")
     name = os.path.basename(bundle)
     assert os.path.basename(root) == name
     for path in ("networks/__init__.py", "networks/ltmednext.py", "models/model.ts", "models/model.pt",

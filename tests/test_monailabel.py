@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import requests
 
-from bundle_samples import labelled_volumes, labels, volume_bundles
+from bundle_samples import exported, labelled_volumes, labels, volume_bundles
 from conftest import REPO
 
 MLVENV = os.environ.get("LITEMED_MLVENV", "/tmp/mlvenv")
@@ -98,7 +98,6 @@ def _check_label(label_path: str, image_path: str, bundle: str, expected: np.nda
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", volume_bundles(), ids=os.path.basename)
 def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
-    from tools.export_bundle import export
     from tools.infer import BundleRunner, Case
 
     name = os.path.basename(bundle)
@@ -111,7 +110,7 @@ def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
     subprocess.run([mlpython, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output",
                     str(tmp_path / "apps")], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     app = tmp_path / "apps" / "monaibundle"
-    with zipfile.ZipFile(export(bundle, str(tmp_path / f"{name}.zip"))) as archive:
+    with zipfile.ZipFile(exported(bundle)) as archive:
         archive.extractall(app / "model")
     weights = app / "model" / name / "models" / "model.pt"
     weights_before = _sha256(str(weights))
