@@ -69,8 +69,8 @@ def networks_expressions(bundle: str) -> list[str]:
 
     MONAI evaluates a config's imports when it resolves the first item, before ``run`` puts the bundle root on
     ``sys.path``; a failed ``$import networks`` leaves a stub (harmless by itself) that every later
-    ``$networks...`` raises from. ``_target_`` names are
-    looked up only when instantiated, so they find the bundle's copy."""
+    ``$networks...`` raises from. ``_target_`` names are looked up only when instantiated, so they find the bundle's
+    copy."""
     from tools.verify_bundle import _expressions
 
     found = []
@@ -131,13 +131,18 @@ def export(bundle: str, out: str) -> str:
         _write_json(meta_file, meta)
         _write_json(os.path.join(stage, "configs", "inference_torchscript.json"), TORCHSCRIPT_CONFIG)
         partial = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp_{os.path.basename(out)}")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-            for folder, dirs, files in os.walk(stage):
-                dirs.sort()
-                for file in sorted(files):
-                    path = os.path.join(folder, file)
-                    archive.write(path, os.path.relpath(path, tmp))
-        os.replace(partial, out)
+        try:
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+                for folder, dirs, files in os.walk(stage):
+                    dirs.sort()
+                    for file in sorted(files):
+                        path = os.path.join(folder, file)
+                        archive.write(path, os.path.relpath(path, tmp))
+            os.replace(partial, out)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
     return out
 
 
