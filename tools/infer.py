@@ -559,6 +559,14 @@ def _classification_run(bundle_dir: str):
     return classify if is_classification_bundle(bundle_dir) else None
 
 
+def _image2d_segmentation_run(bundle_dir: str):
+    """``tools.segment2d.run`` when BUNDLE_DIR segments 2D images (PNG masks out), else None."""
+    sys.modules.setdefault("tools.infer", sys.modules[__name__])
+    from tools.segment2d import is_image2d_segmentation_bundle, run as segment2d
+
+    return segment2d if is_image2d_segmentation_bundle(bundle_dir) else None
+
+
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
          num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
          ray_address: str | None = None) -> None:
@@ -571,9 +579,9 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
     BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        classify = _classification_run(bundle_dir)
-        if classify is not None:
-            code = classify(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine)
+        image_run = _classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir)  # 2D image bundles
+        if image_run is not None:
+            code = image_run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine)
         else:
             code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine,
                        ray_address)
