@@ -580,6 +580,8 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         image_run = _classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir)  # 2D image bundles
+        if image_run is not None and ray_address:
+            raise UsageError(f"{bundle_dir} takes 2D images, which run in-process; --ray_address is for volume bundles.")
         if image_run is not None:
             code = image_run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine)
         else:

@@ -120,19 +120,29 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
         item = {"image": image_path, "label": mask_path, "case": pair["case"]}
         item.update({k: pair[k] for k in ("stratum", "group") if k in pair})
         converted.append((item, pair.get("subset")))
-    fixed_test = [item for item, subset in converted if subset == "test"]
-    rest = [item for item, subset in converted if subset != "test"]
-    if fixed_test:  # the dataset has its own test set: split the rest into training/validation only
-        train_share = fractions[0] / (fractions[0] + fractions[1])
-        training, validation = split_cases(rest, (train_share, 1 - train_share), seed, group_key="group")
-        test = fixed_test
-    else:
-        training, validation, test = split_cases(rest, fractions, seed, group_key="group")
+    training, validation, test = assign_splits(converted, fractions, seed)
     datalist = write_datalist(os.path.join(output, "datalist.json"), training, validation, test, dataset=dataset,
                               split_seed=seed, fractions=list(fractions), failed=failed)
     log.info("%s: %d training, %d validation, %d test, %d skipped -> %s", dataset, len(training), len(validation),
              len(test), len(failed), output)
     return datalist
+
+
+def assign_splits(items: Sequence[tuple[dict, str | None]], fractions: Sequence[float], seed: int) -> list[list[dict]]:
+    """Training/validation/test lists of ``(item, subset)`` pairs: a ``test`` subset (the dataset's own test set)
+    is the test list and the rest is split into training/validation; otherwise all are split by ``fractions``."""
+    fixed_test = [item for item, subset in items if subset == "test"]
+    rest = [item for item, subset in items if subset != "test"]
+    if fixed_test:
+        train_share = fractions[0] / (fractions[0] + fractions[1])
+        return [*split_cases(rest, (train_share, 1 - train_share), seed, group_key="group"), fixed_test]
+    return split_cases(rest, fractions, seed, group_key="group")
+
+
+def split_of(pairs: Sequence[Pair], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 42) -> list[list[str]]:
+    """The case names ``convert`` puts in training/validation/test when every pair converts (nothing is written)."""
+    items = [({"case": p["case"], **{k: p[k] for k in ("stratum", "group") if k in p}}, p.get("subset")) for p in pairs]
+    return [[item["case"] for item in part] for part in assign_splits(items, fractions, seed)]
 
 
 # ------------------------------------------------------------------------------------------------------ the layouts
