@@ -271,3 +271,20 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path, capsys):
     assert exit_info.value.code == 1
     with open(tmp_path / "cli" / "datalist.json") as f:
         assert len(json.load(f)["failed"]) == 3
+
+
+def test_isic2018_layout_with_real_dermoscopy_images(tmp_path):
+    """PH2 images stand in for ISIC 2018 (none is available here): saved as ISIC_XXXXXXX.jpg + _segmentation.png."""
+    src = shared_data("ph2")
+    layout = tmp_path / "ISIC2018"
+    for i, case in enumerate(("IMD003", "IMD047")):
+        image = Image.open(os.path.join(src, case, f"{case}_Dermoscopic_Image", f"{case}.bmp")).convert("RGB")
+        mask = Image.open(os.path.join(src, case, f"{case}_lesion", f"{case}_lesion.bmp")).convert("L")
+        _save(np.asarray(image), str(layout / "ISIC2018_Task1-2_Training_Input" / f"ISIC_{i:07d}.jpg"))
+        _save(np.asarray(mask), str(layout / "ISIC2018_Task1_Training_GroundTruth" / f"ISIC_{i:07d}_segmentation.png"))
+    datalist = prepare("isic2018", str(layout), str(tmp_path / "out"), fractions=(1, 0, 0))
+    assert [i["case"] for i in datalist["training"]] == ["ISIC_0000000", "ISIC_0000001"]
+    for item, case in zip(datalist["training"], ("IMD003", "IMD047")):
+        original = np.asarray(Image.open(os.path.join(src, case, f"{case}_lesion", f"{case}_lesion.bmp")).convert("L"))
+        np.testing.assert_array_equal(_read(tmp_path / "out" / item["label"]), (original > 127).astype(np.uint8))
+        assert _read(tmp_path / "out" / item["image"]).shape == (*original.shape, 3)
