@@ -18,7 +18,7 @@ EXPECTED_HEADER = [
     "Inference 64x64 (slices/s)", "x UNet",
     "Training 64x64 (slices/s)", "x UNet",
     "Peak RSS 64x64 (MiB)",
-    "ONNX Runtime 64x64 (slices/s)", "x UNet (eager)", "max abs ORT - torch",
+    "ONNX Runtime 64x64 (slices/s)", "x own eager", "x UNet (eager)", "max abs ORT - torch",
 ]
 
 
@@ -73,6 +73,6 @@ def test_pipeline_benchmark_writes_table(tmp_path: Path) -> None:
     assert sorted(tmp_path.iterdir()) == [output]
     rows = [_cells(line) for line in output.read_text().splitlines() if line.startswith("| ")][2:]
     assert [row[0] for row in rows] == ["LTMedNeXt-T (bundle)", "LTMedNeXt-T (bundle, --engine onnx)",
-                                        "MONAI UNet (same pipeline)"]
+                                        "MONAI UNet (same pipeline)", "MONAI UNet (same pipeline, --engine onnx)"]
     assert rows[2][2] == "1.00"
     assert all(float(row[1]) > 0 and 100 < float(row[3]) < 8000 for row in rows)

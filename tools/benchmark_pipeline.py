@@ -4,9 +4,9 @@
 
 It writes a synthetic CT NIfTI of the given shape (HU values: air, a body ellipse with soft tissue, bone) and runs
 the Synapse bundle's own inference pipeline (``tools/infer.py``'s ``BundleRunner``: ``configs/inference.json``) on
-it once per network (and once with ``--engine onnx``, ONNX Runtime), each in a fresh subprocess so that peak RSS (``ru_maxrss`` of that process, interpreter and
-libraries included) belongs to one pipeline alone. The MONAI UNet row swaps ``network_def`` through
-``configs/unet_baseline.json``, everything else unchanged. Both networks get random weights of their own
+it once per network and engine (eager PyTorch, and ``--engine onnx``: ONNX Runtime), each in a fresh subprocess so
+that peak RSS (``ru_maxrss`` of that process, interpreter and libraries included) belongs to one pipeline alone.
+The MONAI UNet rows swap ``network_def`` through ``configs/unet_baseline.json``, everything else unchanged. Both networks get random weights of their own
 architecture: speed and memory do not depend on the values. Seconds are the best of ``repeats`` runs of one case
 (read, preprocess, infer, invert to the input grid, write the label NIfTI); model construction (and the ONNX export)
 is reported apart.
@@ -33,6 +33,7 @@ PIPELINES = {  # name: (extra configs, engine)
     "LTMedNeXt-T (bundle)": ((), "torch"),
     "LTMedNeXt-T (bundle, --engine onnx)": ((), "onnx"),
     "MONAI UNet (same pipeline)": ((UNET_CONFIG,), "torch"),
+    "MONAI UNet (same pipeline, --engine onnx)": ((UNET_CONFIG,), "onnx"),
 }
 
 

@@ -11,16 +11,23 @@ checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM ser
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
 ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting.
 
-Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundle missing, output not writable).
+Cases run here, one after another, unless ``--ray_address`` sends them to a Ray cluster (``tools/ray_engine.py``,
+imported only then; ``pip install -e ".[distributed]"``): the same plan, per-case processing and summary, only where
+each case runs differs. BUNDLE_DIR, INPUT and OUTPUT_DIR must then be on a filesystem every node sees.
+
+Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error (bundle missing, output not writable, Ray
+not installed, Ray address malformed or unreachable).
 
 Examples::
 
     python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct_dicom out/
     python tools/infer.py bundles/synapse_ltmednext_segmentation /data/dicom out/ --overlay --device cpu
+    python tools/infer.py bundles/synapse_ltmednext_segmentation /nfs/studies /nfs/out --ray_address 10.0.0.1:6379
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -57,6 +64,7 @@ class Case:
     input: str
     kind: str  # "nifti" or "dicom"
     series_uid: str = ""
+    outputs: dict = field(default_factory=dict)  # "label", "dicom_seg", "overlay" -> path; set by plan()
 
 
 @dataclass
@@ -121,6 +129,16 @@ def discover(input_path: str) -> list[Case]:
     return cases
 
 
+def check_bundle(bundle_dir: str, extra_configs: tuple[str, ...] = (), weights: str | None = None) -> tuple[str, str]:
+    """The bundle's inference config and weights; UsageError when either (or an extra config) is missing."""
+    config_file = os.path.join(bundle_dir, "configs", "inference.json")
+    weights = weights or os.path.join(bundle_dir, "models", "model.pt")
+    for path in (config_file, weights, *extra_configs):
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: not found; is {bundle_dir} a bundle with trained weights?")
+    return config_file, weights
+
+
 class BundleRunner:
     """The network, preprocessing, inferer and postprocessing of a bundle's inference config, loaded once."""
 
@@ -130,11 +148,7 @@ class BundleRunner:
         from monai.bundle import ConfigParser
         from monai.transforms import Compose, LoadImaged, SaveImaged
 
-        config_file = os.path.join(bundle_dir, "configs", "inference.json")
-        weights = weights or os.path.join(bundle_dir, "models", "model.pt")
-        for path in (config_file, weights, *extra_configs):
-            if not os.path.isfile(path):
-                raise UsageError(f"{path}: not found; is {bundle_dir} a bundle with trained weights?")
+        config_file, weights = check_bundle(bundle_dir, extra_configs, weights)
         parser = ConfigParser()
         parser.read_config([config_file, *extra_configs])
         meta_file = os.path.join(bundle_dir, "configs", "metadata.json")
@@ -344,9 +358,15 @@ def check_output_dir(output_dir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"{output_dir}: output folder is not writable ({e.strerror or e}).") from e
+    remove_temporary_files(output_dir)
+
+
+def remove_temporary_files(output_dir: str) -> None:
+    """Remove the temporary files of writes that never finished (their process was killed)."""
     for name in os.listdir(output_dir):
         if name.startswith(TMP_PREFIX):
-            os.remove(os.path.join(output_dir, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))
 
 
 class _ReadAhead:
@@ -364,7 +384,7 @@ class _ReadAhead:
         self.queue = deque(self._start(case) for case in itertools.islice(self.upcoming, max(num_workers, 1)))
 
     def _start(self, case: Case):
-        return case, (self.pool.submit(self.load, case) if self.pool else None)
+        return case, (self.pool.submit(read_case, self.load, case) if self.pool else None)
 
     def __iter__(self):
         return self
@@ -378,10 +398,15 @@ class _ReadAhead:
         following = next(self.upcoming, None)
         if following is not None:
             self.queue.append(self._start(following))
-        try:
-            return case, {"image": future.result() if future else self.load(case)}
-        except Exception as e:
-            return case, {"error": e}
+        return case, (future.result() if future else read_case(self.load, case))
+
+
+def read_case(load, case: Case) -> dict:
+    """``{"image": volume}``, or ``{"error": exception}`` when reading failed (raised by :func:`take_volume`)."""
+    try:
+        return {"image": load(case)}
+    except Exception as e:
+        return {"error": e}
 
 
 def take_volume(item: dict):
@@ -391,63 +416,131 @@ def take_volume(item: dict):
     return item.pop("image")
 
 
-def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None) -> int:
-    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code."""
-    import torch
+def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = False) -> tuple[list[Case], list[Case]]:
+    """Every case under INPUT with its output paths in OUTPUT_DIR, and the cases still to do: a case whose label (and
+    DICOM SEG, when asked for) exists is complete and skipped. Both engines run exactly these cases."""
+    cases = discover(input)
+    if not cases:
+        raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
+    for case in cases:
+        case.outputs = {"label": os.path.join(output_dir, f"{case.name}_seg.nii.gz")}
+        if dicom_seg and case.kind == "dicom":
+            case.outputs["dicom_seg"] = os.path.join(output_dir, f"{case.name}_seg.dcm")
+        if overlay:
+            case.outputs["overlay"] = os.path.join(output_dir, f"{case.name}_overlay.png")
+    todo = [case for case in cases
+            if not all(os.path.isfile(case.outputs[k]) for k in ("label", "dicom_seg") if k in case.outputs)]
+    return cases, todo
 
+
+def process_case(runner: BundleRunner, case: Case, item: dict | None = None) -> Result:
+    """Segment one case and write its outputs (each under a temporary name, then renamed, so a retried case overwrites
+    cleanly). ``item`` is what :func:`read_case` gave (read here when None). Never raises: a failure is a failed
+    Result whose message names the input and the problem."""
     from tools.dicom_seg import source_slices, write_dicom_seg
+
+    start = time.perf_counter()
+    try:
+        if item is None:
+            item = read_case(runner.load, case)
+        if "dicom_seg" in case.outputs:
+            source_slices(case.input, case.series_uid)  # fail before any work when SEG is impossible
+        warning = volume_warning(item["image"]) if "image" in item else ""
+        label = runner.segment(item, case.input)  # takes the volume out of item: freed while inferring
+        if "dicom_seg" in case.outputs:
+            write_dicom_seg(label, case.input, case.series_uid, runner.labels, case.outputs["dicom_seg"],
+                            runner.name, runner.version)
+        save_label(label, case.outputs["label"])
+        if "overlay" in case.outputs:
+            from tools.overlay import save_overlay
+
+            save_overlay(runner.load(case), label, case.outputs["overlay"], runner.labels)
+        return Result(case.name, case.input, "ok", case.outputs["label"], time.perf_counter() - start,
+                      warning, label_volumes_ml(label, runner.labels))
+    except Exception as e:  # one bad case must not stop the batch
+        return failed_result(case, e, time.perf_counter() - start)
+
+
+def failed_result(case: Case, error: Exception, seconds: float = 0.0) -> Result:
+    """A failed row: the error's first line, prefixed with the input unless it already names it."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if case.input not in message:
+        message = f"{case.input}: {message}"
+    return Result(case.name, case.input, "failed", "", seconds, message)
+
+
+class Summary:
+    """The summary rows of a batch: a skipped row for each complete case, then one row per case as it finishes;
+    summary.csv and summary.json are rewritten (atomically) after each, so a killed run leaves what finished."""
+
+    def __init__(self, output_dir: str, cases: list[Case], todo: list[Case]) -> None:
+        self.output_dir, self.cases = output_dir, cases
+        pending = {case.name for case in todo}
+        self.results = {case.name: Result(case.name, case.input, "skipped", case.outputs["label"], 0.0, "output exists")
+                        for case in cases if case.name not in pending}
+        self.progress = _progress(len(todo))
+
+    def record(self, result: Result) -> None:
+        self.results[result.case] = result
+        (log.error if result.status == "failed" else log.info)(
+            "case %s: %s in %.1f s %s", result.case, result.status, result.seconds, result.message)
+        self.progress.update()
+        write_summary(self.output_dir, [self.results[c.name] for c in self.cases if c.name in self.results])
+
+    def finish(self) -> int:
+        """Write the final summary and log the counts; the exit code (1 when any case failed)."""
+        self.progress.close()
+        ordered = [self.results[c.name] for c in self.cases if c.name in self.results]
+        write_summary(self.output_dir, ordered)
+        failed = sum(r.status == "failed" for r in ordered)
+        log.info("%d cases: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
+                 sum(r.status == "skipped" for r in ordered), failed)
+        return 1 if failed else 0
+
+
+def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
+        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
+        ray_address: str | None = None) -> int:
+    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code. With ``ray_address``
+    the cases run on a Ray cluster (tools/ray_engine.py); otherwise here, one after another."""
+    if ray_address:
+        return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address)
+    import torch
 
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     check_output_dir(output_dir)
-    cases = discover(input)
-    if not cases:
-        raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
+    cases, todo = plan(input, output_dir, dicom_seg, overlay)
     runner = BundleRunner(bundle_dir, device, engine=engine)
-    outputs = {case.name: os.path.join(output_dir, f"{case.name}_seg.nii.gz") for case in cases}
-    seg_outputs = {case.name: os.path.join(output_dir, f"{case.name}_seg.dcm") for case in cases
-                   if dicom_seg and case.kind == "dicom"}
-    results = {case.name: Result(case.name, case.input, "skipped", outputs[case.name], 0.0, "output exists")
-               for case in cases
-               if all(os.path.isfile(p) for p in (outputs[case.name], seg_outputs.get(case.name, outputs[case.name])))}
-    todo = [case for case in cases if case.name not in results]
-    progress = _progress(len(todo))
+    summary = Summary(output_dir, cases, todo)
     for case, item in _ReadAhead(todo, runner.load, num_workers):
-        start = time.perf_counter()
-        try:
-            if case.name in seg_outputs:
-                source_slices(case.input, case.series_uid)  # fail before any work when SEG is impossible
-            warning = volume_warning(item["image"]) if "image" in item else ""
-            label = runner.segment(item, case.input)  # takes the volume out of item: freed while inferring
-            if case.name in seg_outputs:
-                write_dicom_seg(label, case.input, case.series_uid, runner.labels, seg_outputs[case.name],
-                                runner.name, runner.version)
-            save_label(label, outputs[case.name])
-            if overlay:
-                from tools.overlay import save_overlay
+        summary.record(process_case(runner, case, item))
+    return summary.finish()
 
-                save_overlay(runner.load(case), label, os.path.join(output_dir, f"{case.name}_overlay.png"),
-                             runner.labels)
-            result = Result(case.name, case.input, "ok", outputs[case.name], time.perf_counter() - start,
-                            warning, label_volumes_ml(label, runner.labels))
-        except Exception as e:  # one bad case must not stop the batch
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if case.input not in message:
-                message = f"{case.input}: {message}"
-            result = Result(case.name, case.input, "failed", "", time.perf_counter() - start, message)
-        results[case.name] = result
-        (log.error if result.status == "failed" else log.info)(
-            "case %s: %s in %.1f s %s", case.name, result.status, result.seconds, result.message)
-        progress.update()
-        write_summary(output_dir, [results[c.name] for c in cases if c.name in results])
-    progress.close()
-    ordered = [results[c.name] for c in cases]
-    write_summary(output_dir, ordered)
-    failed = sum(r.status == "failed" for r in ordered)
-    log.info("%d cases: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
-             sum(r.status == "skipped" for r in ordered), failed)
-    return 1 if failed else 0
+
+def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overlay: bool, num_threads: int,
+                dicom_seg: bool, engine: str | None, ray_address: str) -> int:
+    """The same plan, processing and summary as :func:`run`; Ray decides where each case runs. Paths are made
+    absolute: every node resolves them on the shared filesystem. Nothing is written before the cluster answers."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise UsageError("--ray_address needs Ray, which is not installed; install it with: "
+                         'pip install -e ".[distributed]"') from e
+    from tools import ray_engine
+
+    if engine not in (None, *ENGINES):
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    bundle_dir, input, output_dir = (os.path.abspath(p) for p in (bundle_dir, input, output_dir))
+    check_bundle(bundle_dir)
+    with ray_engine.connect(ray_address):
+        check_output_dir(output_dir)
+        cases, todo = plan(input, output_dir, dicom_seg, overlay)
+        summary = Summary(output_dir, cases, todo)
+        settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads}
+        ray_engine.process_all(todo, settings, summary.record)
+        remove_temporary_files(output_dir)  # left by workers killed mid-write; their cases were redone elsewhere
+        return summary.finish()
 
 
 def _progress(total: int):
@@ -467,16 +560,19 @@ def _classification_run(bundle_dir: str):
 
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None) -> None:
+         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
+         ray_address: str | None = None) -> None:
     """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
     while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads;
     ``dicom_seg`` also writes ``<case>_seg.dcm``, a DICOM Segmentation referencing the source series, for DICOM
     input (the series must carry its UIDs); ``engine`` is ``torch`` or ``onnx`` (ONNX Runtime on the CPU), by default
-    the inference config's ``engine``."""
+    the inference config's ``engine``. ``ray_address`` (``local``, ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)
+    runs the cases on a Ray cluster, one task of ``num_threads`` CPUs (default 1) per case; INPUT, OUTPUT_DIR and
+    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         code = (_classification_run(bundle_dir) or run)(bundle_dir, input, output_dir, device, overlay, num_threads,
-                                                         num_workers, dicom_seg, engine)
+                                                         num_workers, dicom_seg, engine, ray_address)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -485,4 +581,6 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    fire.Fire(main)
+    from tools.infer import main as tools_main  # one module for the driver and Ray's workers, not __main__ and a copy
+
+    fire.Fire(tools_main)

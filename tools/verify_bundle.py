@@ -31,6 +31,7 @@ import ast
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -218,6 +219,8 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
             torch.save(state, weights)
         ts_path = os.path.join(tmp, "model.ts")
         try:
+            # MONAI's bundle scripts log their input summary to stdout, which carries only this tool's problem lines
+            logging.getLogger("monai.bundle.scripts").setLevel(logging.WARNING)
             ckpt_export(net_id="network_def", filepath=ts_path, ckpt_file=weights, meta_file=meta_file,
                         config_file=config_file, bundle_root=bundle, key_in_ckpt="model" if "model" in state else "")
             with torch.no_grad():
