@@ -101,7 +101,7 @@ def test_usage_error_from_the_script_exits_2(tmp_path):
     assert "error:" in result.stderr and "no trained weights" in result.stderr
 
 
-@pytest.mark.parametrize("problem", ["segmentation_option", "no_images", "other_classes"])
+@pytest.mark.parametrize("problem", ["segmentation_option", "ray_address", "no_images", "other_classes"])
 def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys):
     from tools.infer import main
 
@@ -109,6 +109,8 @@ def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys
     out, extra = tmp_path / "out", {}
     if problem == "segmentation_option":
         extra = {"overlay": True}
+    elif problem == "ray_address":  # the Ray engine is for segmentation; a classification batch says so and stops
+        extra = {"ray_address": "local"}
     elif problem == "no_images":
         source = tmp_path / "empty"
         source.mkdir()
@@ -118,5 +120,5 @@ def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys
     with pytest.raises(SystemExit) as code:
         main(str(random_weight_classifier), str(source), str(out), **extra)
     assert code.value.code == 2
-    expected = {"segmentation_option": "--overlay", "no_images": "no 2D images", "other_classes": "other classes"}
+    expected = {"segmentation_option": "--overlay", "ray_address": "--ray_address", "no_images": "no 2D images", "other_classes": "other classes"}
     assert expected[problem] in capsys.readouterr().err

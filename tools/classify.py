@@ -197,17 +197,20 @@ def _message(error: Exception, path: str) -> str:
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        batch_size: int = 8) -> int:
+        ray_address: str | None = None, batch_size: int = 8) -> int:
     """Classify every image under INPUT with the classification bundle in BUNDLE_DIR; returns the exit code.
 
-    The arguments are ``tools/infer.py``'s; ``overlay`` and ``dicom_seg`` are segmentation outputs (a usage error
-    here), ``num_workers`` is not used (2D images load in milliseconds); ``batch_size`` images go through the network
-    at once."""
+    The arguments are ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` are for segmentation (a
+    usage error here), ``num_workers`` is not used (2D images load in milliseconds); ``batch_size`` images go through
+    the network at once."""
     import torch
 
     if overlay or dicom_seg:
         raise UsageError(f"{bundle_dir} is a classification bundle: --overlay and --dicom_seg are for segmentation "
                          f"bundles.")
+    if ray_address:
+        raise UsageError(f"{bundle_dir} is a classification bundle: --ray_address is for segmentation bundles (a batch "
+                         f"of 2D images is classified in one process).")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}.")
     if num_threads > 0:

@@ -579,14 +579,8 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
     BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        image_run = _classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir)  # 2D image bundles
-        if image_run is not None and ray_address:
-            raise UsageError(f"{bundle_dir} takes 2D images, which run in-process; --ray_address is for volume bundles.")
-        if image_run is not None:
-            code = image_run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine)
-        else:
-            code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine,
-                       ray_address)
+        code = (_classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir) or run)(
+            bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

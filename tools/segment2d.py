@@ -66,16 +66,18 @@ class Segmenter2D(ClassifierRunner):
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
-        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None) -> int:
+        num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
+        ray_address: str | None = None) -> int:
     """Segment every 2D image under INPUT with the bundle in BUNDLE_DIR; returns the exit code. The arguments are
-    ``tools/infer.py``'s; ``overlay`` and ``dicom_seg`` (volume outputs) are usage errors here and ``num_workers`` is
-    not used (2D images load in milliseconds)."""
+    ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` (volume bundles) are usage errors here and
+    ``num_workers`` is not used (2D images load in milliseconds)."""
     import torch
 
     from networks.segmentation2d import save_mask_png
 
-    if overlay or dicom_seg:
-        raise UsageError(f"{bundle_dir} segments 2D images: --overlay and --dicom_seg are for volume bundles.")
+    if overlay or dicom_seg or ray_address:
+        raise UsageError(f"{bundle_dir} segments 2D images in this process: --overlay, --dicom_seg and --ray_address "
+                         f"are for volume bundles.")
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     check_output_dir(output_dir)
