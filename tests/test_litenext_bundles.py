@@ -151,14 +151,31 @@ def test_training_with_serp_resumes_and_evaluates_on_the_original_grid(tmp_path,
 
 
 def test_training_without_serp_or_mwl(tmp_path, synthetic_dataset):
+    """The switches: ``use_serp`` False trains the plain network (projectors untouched), ``use_marginal_weight_loss``
+    False uses Dice + BCE. In-process: the bundle's own config, parsed as MONAI's runner does."""
+    from monai.bundle import ConfigParser
+    from monai.losses import DiceCELoss
+
+    from networks import MarginalWeightLoss
+
     bundle = _bundle_copy(tmp_path, "lungxray_litenext_segmentation")
-    _monai_run(bundle, "--dataset_dir", str(synthetic_dataset), "--image_size", "[64, 64]",
-               "--train#dataloader#batch_size", "3", "--train#trainer#max_epochs", "1", "--use_serp", "False",
-               "--use_marginal_weight_loss", "False")
-    state = torch.load(next((bundle / "models" / "checkpoints").glob("*.pt")), weights_only=True)
-    untouched = {k: v for k, v in state["optimizer"]["state"].items()}
-    n_network = sum(1 for _ in __import__("networks").LiteNeXt().parameters())
-    assert len(untouched) == n_network  # only the network's parameters were optimised
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), "dataset_dir": str(synthetic_dataset), "image_size": [64, 64],
+                   "use_serp": False, "use_marginal_weight_loss": False, "train#trainer#max_epochs": 1,
+                   "train#dataloader#batch_size": 3, "validate#handlers": []})
+    parser.parse()
+    assert isinstance(parser.get_parsed_content("loss"), DiceCELoss)
+    serp = parser.get_parsed_content("serp")
+    before = {k: v.clone() for k, v in serp.state_dict().items()}
+    parser.get_parsed_content("train#trainer").run()
+    after = serp.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("projector", "predictor")))
+    assert not torch.equal(before["network.head.weight"], after["network.head.weight"])
+
+    default = ConfigParser()
+    default.read_config(str(bundle / "configs" / "train.json"))
+    assert isinstance(default.get_parsed_content("loss"), MarginalWeightLoss)
 
 
 @pytest.fixture(scope="module")
