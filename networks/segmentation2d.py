@@ -9,7 +9,8 @@
 * :func:`binary_metrics`, :class:`BinarySegmentationReport`: per-image Dice, IoU, precision and recall (images whose
   ground truth is empty are listed but left out of the means, as in LiteNeXt's ``eval.py``).
 
-Images are read by :class:`networks.classification.LoadImage2Dd` (PNG, JPEG, BMP, TIFF, single-frame DICOM).
+Images are read by :class:`LoadImageRGBd`, which wraps :class:`networks.classification.LoadImage2Dd` (PNG, JPEG, BMP,
+TIFF, single-frame DICOM); :class:`SaveMask2Dd` writes a 0/1 PNG mask.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from monai.transforms import MapTransform, Transform
 
 from networks.classification import LoadImage2Dd, grouped_stratified_split
 
-__all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms", "split_cases",
-           "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png", "SaveMask2Dd"]
+__all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
+           "split_cases", "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png",
+           "SaveMask2Dd"]
 
 METRICS = ("dice", "iou", "precision", "recall")
 
@@ -118,7 +120,7 @@ def train_transforms(image_size: Sequence[int] = (256, 256), rotate_degrees: flo
     """LiteNeXt training chain for ``{"image", "label"}`` file paths: load, resize (image bilinear, mask nearest),
     random rotation within +-``rotate_degrees`` (every sample), horizontal flip, Gaussian blur (sigma 0.8-1.4, the
     range of albumentations' default 3-7 px kernels) and vertical flip."""
-    from monai.transforms import (Compose, EnsureTyped, RandFlipd, RandGaussianSmoothd, RandRotated, Resized)
+    from monai.transforms import Compose, EnsureTyped, RandFlipd, RandGaussianSmoothd, RandRotated, Resized
 
     keys = ["image", "label"]
     return Compose([

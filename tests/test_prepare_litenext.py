@@ -239,12 +239,14 @@ def test_lung_xray_left_and_right_masks_are_joined(tmp_path):
     left, right = _disc(shape, (20, 14), 8), _disc(shape, (20, 36), 8)
     for i in range(4):  # Montgomery
         name = f"MCUCXR_{i:04d}_{i % 2}.png"
-        _save(np.random.default_rng(i).integers(0, 255, shape, dtype=np.uint8), str(src / "MontgomerySet" / "CXR_png" / name))
+        image = np.random.default_rng(i).integers(0, 255, shape, dtype=np.uint8)
+        _save(image, str(src / "MontgomerySet" / "CXR_png" / name))
         _save(left.astype(np.uint8) * 255, str(src / "MontgomerySet" / "ManualMask" / "leftMask" / name))
         _save(right.astype(np.uint8) * 255, str(src / "MontgomerySet" / "ManualMask" / "rightMask" / name))
     for i in range(4):  # Shenzhen
         name = f"CHNCXR_{i:04d}_{i % 2}"
-        _save(np.random.default_rng(10 + i).integers(0, 255, shape, dtype=np.uint8), str(src / "ChinaSet" / "CXR_png" / f"{name}.png"))
+        image = np.random.default_rng(10 + i).integers(0, 255, shape, dtype=np.uint8)
+        _save(image, str(src / "ChinaSet" / "CXR_png" / f"{name}.png"))
         _save((left | right).astype(np.uint8) * 255, str(src / "ChinaSet" / "mask" / f"{name}_mask.png"))
     datalist = prepare("lungxray", str(src), str(tmp_path / "out"), fractions=(0.5, 0.25, 0.25))
     items = _all_items(datalist)
