@@ -98,11 +98,12 @@ def test_classification_bundle_checks(random_weight_classifier, tmp_path):
     _edit_json(broken["spatial"] / "configs" / "inference.json",  # a segmentation network behind a classifier's metadata
                lambda c: c.update(network_def={"_target_": "networks.LTMedNeXt", "spatial_dims": 2, "in_channels": 3,
                                                "out_channels": 2, "size": "T"}))
-    for name in ("undeclared", "declared"):
+    for name in ("undeclared", "declared", "spatial"):  # spatial: checked on initial weights, so its shape is reached
         shutil.rmtree(broken[name] / "models")
-    for name in ("contradiction", "declared"):
+    for name in ("contradiction", "declared", "spatial"):
         _edit_json(broken[name] / "configs" / "metadata.json", lambda m: m.update(weights_shipped=False))
-    _edit_json(broken["declared"] / "configs" / "metadata.json", lambda m: m.update(model_sha256={}))
+    for name in ("declared", "spatial"):
+        _edit_json(broken[name] / "configs" / "metadata.json", lambda m: m.update(model_sha256={}))
 
     result = _verify(source, *broken.values())
     lines = result.stdout.splitlines()
