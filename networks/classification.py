@@ -3,6 +3,7 @@
 * :func:`read_image_rgb`, :class:`LoadImage2D` / :class:`LoadImage2Dd`: any 2D image (PNG, JPEG, BMP, TIFF, RGB, RGBA,
   grey, 16-bit, single-frame DICOM) as a 3-channel float image in [0, 1];
 * :func:`find_images`: the 2D images under a folder, in a stable order (what a classification bundle calls a case);
+  :func:`image_datalist` the same as an inference datalist;
 * :func:`grouped_stratified_split`: training/validation/test lists with every patient (or source) on one side and the
   classes in the same proportions on every side;
 * :func:`class_weights`: inverse-frequency loss weights for class-balanced training;
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
-           "find_images", "grouped_stratified_split", "class_weights", "classification_metrics", "roc_auc",
-           "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
+           "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
+           "roc_auc", "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
@@ -166,6 +167,12 @@ def find_images(folder: str) -> list[str]:
     return found
 
 
+def image_datalist(folder: str, key: str = "image") -> list[dict]:
+    """``[{key: path}, ...]`` for every image :func:`find_images` finds under ``folder``: the inference datalist of
+    the 2D bundles (a ``_target_`` component, so an exported bundle reaches it from its own ``networks/`` copy)."""
+    return [{key: path} for path in find_images(folder)]
+
+
 # ------------------------------------------------------------------------------------------------------------ splits
 def grouped_stratified_split(items: Sequence[dict], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
                              group_key: str = "group", label_key: str = "label") -> list[list[dict]]:
@@ -209,16 +216,17 @@ def grouped_stratified_split(items: Sequence[dict], fractions: Sequence[float] =
     return splits
 
 
-def class_weights(datalist: Sequence[dict], num_classes: int, label_key: str = "label") -> torch.Tensor:
+def class_weights(datalist: Sequence[dict], num_classes: int, label_key: str = "label",
+                  device: str | torch.device | None = None) -> torch.Tensor:
     """Inverse-frequency class weights (mean 1 over the classes present) for ``torch.nn.CrossEntropyLoss``; a class
-    absent from ``datalist`` gets weight 0."""
+    absent from ``datalist`` gets weight 0. On ``device`` when given (a config's ``_target_`` component)."""
     counts = np.bincount([int(item[label_key]) for item in datalist], minlength=num_classes).astype(np.float64)
     if len(counts) > num_classes:
         raise ValueError(f"labels up to {len(counts) - 1} found, but num_classes is {num_classes}.")
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(int((counts > 0).sum()), 1), 0.0)
     present = weights[counts > 0]
     weights = weights / present.mean() if len(present) else weights
-    return torch.as_tensor(weights, dtype=torch.float32)
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics

@@ -178,6 +178,33 @@ def test_training_without_serp_or_mwl(tmp_path, synthetic_dataset):
     assert isinstance(default.get_parsed_content("loss"), MarginalWeightLoss)
 
 
+@pytest.mark.parametrize("validation", [True, False], ids=["interval_past_max_epochs", "no_validation_data"])
+def test_training_validates_at_least_once_or_saves_the_final_model(tmp_path, synthetic_dataset, validation):
+    """models/model.pt is written by a run shorter than the validation interval (validated at its last epoch), and
+    by a run without validation data (the final network); what MONAI Label's short /train runs need."""
+    from monai.bundle import ConfigParser
+
+    bundle = _bundle_copy(tmp_path, "dsb2018_litenext_segmentation")
+    datalist = json.loads((synthetic_dataset / "datalist.json").read_text())
+    if not validation:
+        datalist["validation"] = []
+        (synthetic_dataset / "datalist.json").write_text(json.dumps(datalist))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), "dataset_dir": str(synthetic_dataset), "image_size": [32, 32],
+                   "use_serp": False, "train#trainer#max_epochs": 1, "validate#interval": 5,
+                   "train#dataloader#batch_size": 3, "output_dir": str(tmp_path / "eval")})
+    parser.parse()
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
+    assert (bundle / "models" / "model.pt").is_file()
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.epoch == (1 if validation else 0)
+    saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert torch.equal(saved["head.weight"] if "head.weight" in saved else saved["model"]["head.weight"],
+                       parser.get_parsed_content("network").state_dict()["head.weight"])
+
+
 @pytest.fixture(scope="module")
 def random_litenext_bundle(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("litenext")

@@ -39,10 +39,7 @@ import fire
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORKS = os.path.join(REPO_ROOT, "networks")
 COPIED = ("LICENSE", "configs", "docs", "models/model.pt")
-TORCHSCRIPT_CONFIG = {
-    "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device)",
-    "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
-}
+TORCHSCRIPT_NETWORK = "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device)"
 
 
 class UsageError(Exception):
@@ -80,6 +77,15 @@ def networks_expressions(bundle: str) -> list[str]:
         found += [f"configs/{os.path.basename(path)}: {where}" for where, expression in _expressions(config)
                   if re.search(r"\bnetworks\b", expression) and not re.match(r"\$\s*(import|from)\s", expression)]
     return found
+
+
+def torchscript_config(inference: dict) -> dict:
+    """The ``inference_torchscript.json`` override for a bundle's ``inference.json``: ``network_def`` loaded from
+    ``model.ts``, and the inference handlers without the checkpoint loader (``model.ts`` holds the weights); handlers
+    that write outputs (a classifier's ``ClassificationSaver``) are kept."""
+    handlers = [h for h in inference.get("handlers", []) if h != "@checkpoint_loader"
+                and not (isinstance(h, dict) and str(h.get("_target_", "")).endswith("CheckpointLoader"))]
+    return {"network_def": TORCHSCRIPT_NETWORK, "handlers": handlers}
 
 
 def _copy_networks(target: str) -> None:
@@ -129,7 +135,9 @@ def export(bundle: str, out: str) -> str:
         _torchscript(stage)
         meta.setdefault("model_sha256", {})["models/model.ts"] = sha256(os.path.join(stage, "models", "model.ts"))
         _write_json(meta_file, meta)
-        _write_json(os.path.join(stage, "configs", "inference_torchscript.json"), TORCHSCRIPT_CONFIG)
+        with open(os.path.join(stage, "configs", "inference.json")) as f:
+            inference = json.load(f)
+        _write_json(os.path.join(stage, "configs", "inference_torchscript.json"), torchscript_config(inference))
         partial = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp_{os.path.basename(out)}")
         try:
             with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
