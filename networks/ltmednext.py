@@ -115,7 +115,7 @@ class LTMedNeXtEncoder(nn.Module):
     """Four stages at 1/4, 1/8, 1/16 and 1/32 of the input; returns the output of every stage."""
 
     def __init__(self, in_channels: int, widths: tuple[int, ...], depths: tuple[int, ...], norm: str = "batch",
-                 drop_path: float = 0.0, attention_kernel_size: int = 11) -> None:
+                 drop_path: float = 0.0, attention_kernel_size: int = 11, layer_scale_init: float = 1e-6) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0] // 2, 3, stride=2, padding=1),
@@ -132,7 +132,8 @@ class LTMedNeXtEncoder(nn.Module):
             layers: list[nn.Module] = []
             if i > 0:
                 layers.append(nn.Sequential(_norm(norm, widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, stride=2)))
-            layers += [LTMedNeXtBlock(width, attention_kernel_size, norm=norm, drop_path=rates[block_index + j])
+            layers += [LTMedNeXtBlock(width, attention_kernel_size, norm=norm, layer_scale_init=layer_scale_init,
+                                      drop_path=rates[block_index + j])
                        for j in range(depth)]
             self.stages.append(nn.Sequential(*layers))
             block_index += depth
@@ -149,11 +150,11 @@ class LTMedNeXtEncoder(nn.Module):
 class _DecoderLevel(nn.Module):
     """Upsample and project the deeper map, concatenate the skip, fuse with a 1x1 conv, refine with one block."""
 
-    def __init__(self, deep_channels: int, channels: int, norm: str) -> None:
+    def __init__(self, deep_channels: int, channels: int, norm: str, layer_scale_init: float = 1e-6) -> None:
         super().__init__()
         self.project = nn.Conv2d(deep_channels, channels, 1)
         self.fuse = nn.Conv2d(2 * channels, channels, 1)
-        self.block = LTMedNeXtBlock(channels, norm=norm)
+        self.block = LTMedNeXtBlock(channels, norm=norm, layer_scale_init=layer_scale_init)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         deep = F.interpolate(self.project(deep), size=[skip.shape[-2], skip.shape[-1]], mode="bilinear",
@@ -184,6 +185,9 @@ class LTMedNeXt(nn.Module):
         size: "T", "S" or "B" (widths 32/48/64 times 1, 2, 4, 8; depths (2,2,4,2), (2,2,6,2), (2,2,8,2)).
         norm: "batch" (default) or "layer" normalisation inside the blocks.
         drop_path: largest stochastic depth rate (linearly increasing over the encoder blocks).
+        layer_scale_init: initial value of the per-channel layer scales ``g1``, ``g2`` of every block (the spec's
+            1e-6 by default, as ConvNeXt; a larger value such as 0.1 lets the attention and FFN branches contribute
+            from the first step, see the ACDC bundle's docs for the measured effect).
 
     Shapes:
         input ``(B, in_channels, H, W)``; output ``(B, out_channels, H, W)``. Sizes that are not multiples of 32
@@ -193,7 +197,7 @@ class LTMedNeXt(nn.Module):
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 9, size: str = "S",
-                 norm: str = "batch", drop_path: float = 0.0) -> None:
+                 norm: str = "batch", drop_path: float = 0.0, layer_scale_init: float = 1e-6) -> None:
         super().__init__()
         if spatial_dims != 2:
             raise ValueError(f"LTMedNeXt: only spatial_dims=2 is supported, got {spatial_dims}.")
@@ -201,8 +205,9 @@ class LTMedNeXt(nn.Module):
         widths, depths = LTMEDNEXT_SIZES[size]
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path)
-        self.decoder = nn.ModuleList([_DecoderLevel(widths[i + 1], widths[i], norm) for i in (2, 1, 0)])
+        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path, layer_scale_init=layer_scale_init)
+        self.decoder = nn.ModuleList([_DecoderLevel(widths[i + 1], widths[i], norm, layer_scale_init)
+                                      for i in (2, 1, 0)])
         half = widths[0] // 2
         self.head = nn.Sequential(
             nn.ConvTranspose2d(widths[0], half, 2, stride=2),

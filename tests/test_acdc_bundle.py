@@ -1,0 +1,182 @@
+"""ACDC bundle: converters (real SSL4MIS h5 sample, synthetic original NIfTI tree), the intensity normalisation,
+inference on NIfTI and DICOM series (multi-phase cine refused, then split per phase), per-phase evaluation."""
+
+import json
+import os
+import shutil
+import sys
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import BUNDLES, REPO, shared_data
+
+sys.path.insert(0, REPO)
+from networks.data import ACDC_H5_SPACING, load_datalist  # noqa: E402
+from tools import prepare_acdc  # noqa: E402
+from tools.infer import run  # noqa: E402
+from tools.split_cine_phases import cine_phases, split  # noqa: E402
+
+ACDC = os.path.join(BUNDLES, "acdc_ltmednext_segmentation")
+
+
+def make_mr_volume(shape=(40, 36, 5), scale=800.0, seed=0):
+    """A raw-MR-like short-axis stack: a ring (MYO, 2) around a bright disc (LV, 3) and a crescent (RV, 1)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    r = np.hypot(x - 0.55 * shape[0], y - 0.5 * shape[1])
+    label2d = np.zeros(shape[:2], np.uint8)
+    label2d[(np.hypot(x - 0.25 * shape[0], y - 0.5 * shape[1]) < 0.2 * shape[0]) & (r > 0.3 * shape[0])] = 1
+    label2d[r < 0.3 * shape[0]] = 2
+    label2d[r < 0.18 * shape[0]] = 3
+    label = np.repeat(label2d[..., None], shape[2], axis=2)
+    image = np.choose(label, [0.15, 0.8, 0.35, 0.9]).astype(np.float32) * scale
+    image += rng.normal(0, 0.03 * scale, shape).astype(np.float32)
+    return image, label
+
+
+def _random_weight_bundle(tmp_path):
+    import torch
+
+    from networks import LTMedNeXt
+
+    bundle = tmp_path / "acdc_bundle"
+    shutil.copytree(os.path.join(ACDC, "configs"), bundle / "configs")
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(LTMedNeXt(2, 1, 4, "T").state_dict(), str(bundle / "models" / "model.pt"))
+    return bundle
+
+
+def _write_mr_dicom_series(folder, volume, phases=1, spacing=(1.4, 1.4, 8.0)):
+    """An MR DICOM series of ``volume`` (x, y, z) with ``phases`` frames per slice position (cine when > 1)."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    os.makedirs(folder, exist_ok=True)
+    series, study, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    index = 0
+    for z in range(volume.shape[2]):
+        for phase in range(phases):
+            index += 1
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+            ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", series, study
+            ds.FrameOfReferenceUID, ds.PatientID, ds.InstanceNumber = frame_of_reference, "synthetic", index
+            ds.ImagePositionPatient = [0.0, 0.0, float(z * spacing[2])]
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            ds.PixelSpacing = [spacing[1], spacing[0]]
+            ds.SliceThickness = spacing[2]
+            ds.TriggerTime = 40.0 * phase
+            pixels = (volume[:, :, z].T * (1.0 + 0.1 * phase)).astype(np.uint16)  # rows = y, columns = x
+            ds.Rows, ds.Columns = pixels.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            ds.PixelData = pixels.tobytes()
+            pydicom.dcmwrite(os.path.join(folder, f"IM{index:04d}.dcm"), ds, enforce_file_format=True)
+    return folder
+
+
+def test_h5_converter_on_the_real_sample(tmp_path, capsys):
+    src = shared_data("acdc")
+    subset = tmp_path / "h5"
+    subset.mkdir()
+    for name in ("patient001_frame01.h5", "patient001_frame02.h5", "patient002_frame01.h5", "patient002_frame02.h5"):
+        os.symlink(os.path.join(src, name), subset / name)
+    (subset / "patient003_frame01.h5").write_bytes(b"not an hdf5 file")  # corrupt: reported and skipped
+    path = prepare_acdc.h5(str(subset), str(tmp_path / "out"), validation=(2,))
+    assert "skipped" in capsys.readouterr().out and "patient003_frame01.h5" in json.load(open(path))["skipped"][0]
+    training, validation = load_datalist(path, "training"), load_datalist(path, "validation")
+    assert [(c["case"], c["phase"]) for c in training] == [("patient001_ED", "ED"), ("patient001_ES", "ES")]
+    assert [c["patient"] for c in validation] == [2, 2]
+    with h5py.File(os.path.join(src, "patient001_frame02.h5")) as f:
+        image, label = f["image"][()], f["label"][()]
+    out_image, out_label = nib.load(training[1]["image"]), nib.load(training[1]["label"])
+    np.testing.assert_array_equal(np.asarray(out_image.dataobj), image.transpose(2, 1, 0))
+    np.testing.assert_array_equal(np.asarray(out_label.dataobj), label.transpose(2, 1, 0))
+    assert out_label.get_data_dtype() == np.uint8 and out_image.shape[2] == image.shape[0]
+    np.testing.assert_allclose(out_label.header.get_zooms(), ACDC_H5_SPACING)
+    with pytest.raises(ValueError, match=r"validation patients \[7\]"):
+        prepare_acdc.h5(str(subset), str(tmp_path / "out2"), validation=(7,))
+
+
+def test_original_nifti_layout_with_info_cfg(tmp_path, capsys):
+    root = tmp_path / "ACDC" / "database"
+    for patient, folder, es in ((1, "training", 3), (2, "training", 2), (3, "training", 3), (4, "training", 2),
+                                (101, "testing", 3)):
+        d = root / folder / f"patient{patient:03d}"
+        d.mkdir(parents=True)
+        (d / "Info.cfg").write_text(f"ED: 1\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: 4\nWeight: 70.0\n")
+        image, label = make_mr_volume(seed=patient)
+        if patient == 4:
+            label[0, 0, 0] = 7  # a label value outside 0..3: reported and skipped
+        for frame in (1, es):
+            stem = d / f"patient{patient:03d}_frame{frame:02d}"
+            nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 10.0, 1.0])), f"{stem}.nii.gz")
+            if not (patient == 3 and frame == es):  # patient 3: ES label missing -> skipped
+                nib.save(nib.Nifti1Image(label, np.diag([1.5, 1.5, 10.0, 1.0])), f"{stem}_gt.nii.gz")
+    path = prepare_acdc.nifti(str(tmp_path / "ACDC"), str(tmp_path / "out"), validation=(2,))
+    printed = capsys.readouterr().out
+    assert "patient003_frame03_gt.nii.gz" in printed and "found [7]" in printed
+    training, validation, test = (load_datalist(path, k) for k in ("training", "validation", "test"))
+    assert [c["case"] for c in training] == ["patient001_ED", "patient001_ES"]
+    assert training[1]["image"].endswith("patient001_frame03.nii.gz")  # ES frame from Info.cfg
+    assert [c["case"] for c in validation] == ["patient002_ED", "patient002_ES"]
+    assert [c["patient"] for c in test] == [101, 101] and test[0]["group"] == "NOR"
+
+
+def test_normalisation_serves_raw_mri_and_unit_scaled_data_alike():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ACDC, "configs", "inference.json"))
+    transform = parser.get_parsed_content("preprocessing").transforms[2]  # after loading and channel-first
+    image, _ = make_mr_volume()
+    raw = transform({"image": image[None] * 3.7 + 120.0})["image"]
+    unit = transform({"image": (image[None] - image.min()) / (image.max() - image.min())})["image"]
+    assert float(raw.min()) == pytest.approx(0.0) and float(raw.max()) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.asarray(raw), np.asarray(unit), atol=1e-4)
+
+
+def test_inference_on_nifti_dicom_and_cine_series(tmp_path):
+    from monai.transforms import LoadImage
+
+    bundle = _random_weight_bundle(tmp_path)
+    volume, _ = make_mr_volume(shape=(40, 36, 5))
+    source = tmp_path / "in"
+    source.mkdir()
+    affine = np.array([[0, -1.3, 0, 10], [1.3, 0, 0, -5], [0, 0, 9.0, 2], [0, 0, 0, 1]])  # rotated, anisotropic
+    nib.save(nib.Nifti1Image(volume, affine), str(source / "sax.nii.gz"))
+    _write_mr_dicom_series(str(source / "sax_dicom"), volume)
+    _write_mr_dicom_series(str(source / "cine"), volume, phases=3)
+    out = tmp_path / "out"
+    assert run(str(bundle), str(source), str(out)) == 1  # the cine series is refused, the others segmented
+    with open(out / "summary.json") as f:
+        rows = {os.path.basename(r["input"]): r for r in json.load(f)}
+    assert rows["sax.nii.gz"]["status"] == rows["sax_dicom"]["status"] == "ok"
+    assert rows["cine"]["status"] == "failed"
+    assert "multi-phase (cine) series, 3 phases x 5 slice positions" in rows["cine"]["message"]
+    assert "split_cine_phases.py" in rows["cine"]["message"]
+    seg = nib.load(rows["sax.nii.gz"]["output"])
+    assert seg.shape == volume.shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+    dicom_seg = nib.load(rows["sax_dicom"]["output"])
+    assert dicom_seg.shape == tuple(LoadImage(image_only=True)(str(source / "sax_dicom")).shape) == volume.shape
+
+    # the cine series split per phase (TriggerTime order), then each phase is a case of its own
+    phases = cine_phases(str(source / "cine"))
+    assert len(phases) == 3 and all(len(p) == 5 for p in phases)
+    folders = split(str(source / "cine"), str(tmp_path / "phases"), phases=[0, 2])
+    assert [os.path.basename(f) for f in folders] == ["cine_phase00", "cine_phase02"]
+    phase2 = LoadImage(image_only=True)(folders[1])
+    np.testing.assert_allclose(np.asarray(phase2), np.floor(volume.clip(0) * 1.2), atol=1.0)
+    assert run(str(bundle), str(tmp_path / "phases"), str(tmp_path / "out_phases")) == 0
+    with pytest.raises(ValueError, match="out of range; the series holds 3 phases"):
+        split(str(source / "cine"), str(tmp_path / "phases"), phases=[3])
