@@ -220,3 +220,46 @@ def test_train_and_per_phase_evaluation(tmp_path):
     assert {r["organ"] for r in rows} == {"right_ventricle", "myocardium", "left_ventricle"}
     summary = (out / "eval" / "summary.md").read_text()
     assert "## ED (1 cases)" in summary and "## ES (1 cases)" in summary and "| left_ventricle |" in summary
+
+
+def test_shipped_weights_on_a_validation_patient(tmp_path):
+    """The shipped model on patient085 (a validation patient, never trained on), ED and ES, through tools/infer.py's
+    runner: every structure found, mean Dice over RV, MYO and LV above a floor set below the measured value."""
+    from networks.evaluation import dice
+    from tools.infer import BundleRunner, Case
+
+    src = shared_data("acdc")
+    subset = tmp_path / "h5"
+    subset.mkdir()
+    for frame in ("01", "02"):
+        os.symlink(os.path.join(src, f"patient085_frame{frame}.h5"), subset / f"patient085_frame{frame}.h5")
+    path = prepare_acdc.h5(str(subset), str(tmp_path / "data"), validation=(85,))
+    runner = BundleRunner(ACDC)
+    scores = []
+    for item in load_datalist(path, "validation"):
+        pred = np.asarray(runner(Case(item["case"], item["image"], "nifti")))
+        gt = np.asarray(nib.load(item["label"]).dataobj)
+        assert pred.shape == gt.shape
+        scores.append([dice(pred == c, gt == c) for c in (1, 2, 3)])
+    assert np.min(scores) > SHIPPED_MIN_DICE and np.mean(scores) > SHIPPED_MEAN_DICE, scores
+
+
+def test_ltmednext_options_keep_the_spec_default():
+    """``layer_scale_init`` and ``full_resolution_skip`` change nothing by default (the shipped Synapse weights still
+    load); the skip option gives full-size logits, scripts, and adds parameters only when on."""
+    import torch
+
+    from networks import LTMedNeXt
+
+    default, skip = LTMedNeXt(2, 1, 4, "T"), LTMedNeXt(2, 1, 4, "T", full_resolution_skip=True)
+    assert all(float(p.abs().max()) == pytest.approx(1e-6) for n, p in default.named_parameters() if "gamma" in n)
+    assert all(float(p.abs().max()) == pytest.approx(0.1) for n, p in LTMedNeXt(2, 1, 4, "T", layer_scale_init=0.1)
+               .named_parameters() if "gamma" in n)
+    state = torch.load(os.path.join(BUNDLES, "synapse_ltmednext_segmentation", "models", "model.pt"), weights_only=True)
+    LTMedNeXt(2, 1, 9, "T").load_state_dict(state.get("model", state))
+    extra = set(skip.state_dict()) - set(default.state_dict())
+    assert extra and all(k.startswith(("full_resolution.", "classifier.")) for k in extra)
+    x = torch.rand(2, 1, 70, 60)
+    skip.eval()
+    assert skip(x).shape == (2, 4, 70, 60)
+    torch.testing.assert_close(torch.jit.script(skip)(x), skip(x), atol=1e-4, rtol=1e-4)

@@ -39,11 +39,13 @@ def load_batch(datalist: str, num_slices: int = 8, roi: int = 224, seed: int = 0
     return torch.stack(images).float(), torch.stack(labels).long()
 
 
-def make_network(network: str, num_classes: int, layer_scale_init: float, size: str = "T") -> torch.nn.Module:
+def make_network(network: str, num_classes: int, layer_scale_init: float, size: str = "T",
+                 full_resolution_skip: bool = False) -> torch.nn.Module:
     if network == "ltmednext":
         from networks import LTMedNeXt
 
-        return LTMedNeXt(2, 1, num_classes, size=size, layer_scale_init=layer_scale_init)
+        return LTMedNeXt(2, 1, num_classes, size=size, layer_scale_init=layer_scale_init,
+                         full_resolution_skip=full_resolution_skip)
     if network == "unet":
         from monai.networks.nets import UNet
 
@@ -54,17 +56,17 @@ def make_network(network: str, num_classes: int, layer_scale_init: float, size: 
 
 def main(datalist: str, network: str = "ltmednext", steps: int = 60, every: int = 10, lr: float = 2e-3,
          layer_scale_init: float = 1e-6, num_slices: int = 8, num_classes: int = 4, threads: int = 1,
-         seed: int = 0) -> list[dict]:
+         seed: int = 0, full_resolution_skip: bool = False) -> list[dict]:
     from monai.losses import DiceCELoss
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     image, label = load_batch(datalist, num_slices, seed=seed)
-    model = make_network(network, num_classes, layer_scale_init)
+    model = make_network(network, num_classes, layer_scale_init, full_resolution_skip=full_resolution_skip)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
     history, start = [], time.time()
-    print(f"{network} layer_scale_init={layer_scale_init} lr={lr}: {num_slices} slices, classes present "
+    print(f"{network} layer_scale_init={layer_scale_init} full_resolution_skip={full_resolution_skip} lr={lr}: {num_slices} slices, classes present "
           f"{sorted(torch.unique(label).tolist())}", flush=True)
     for step in range(1, steps + 1):
         model.train()
