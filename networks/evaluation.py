@@ -140,8 +140,8 @@ class SegmentationReport:
         summary = summarise(self.rows)
         text = summary_markdown(summary, self.title)
         for group, rows in self.groups().items():
-            text += "\n" + summary_markdown(summarise(rows), f"{group} ({len(rows) // max(len(self.labels) - 1, 1)} cases)",
-                                             level=2, protocol=False)
+            cases = len({row["case"] for row in rows})
+            text += "\n" + summary_markdown(summarise(rows), f"{group} ({cases} cases)", level=2, protocol=False)
         _write_atomic(os.path.join(self.output_dir, "summary.md"), text)
         if engine is not None:
             engine.state.metrics["mean_dice"] = summary.get("mean", {}).get("dice", 0.0)

@@ -225,7 +225,8 @@ class LTMedNeXt(nn.Module):
         self.full_resolution: nn.Module = nn.Identity()
         self.classifier: nn.Module = nn.Identity()
         if full_resolution_skip:
-            self.full_resolution = nn.Sequential(nn.Conv2d(in_channels, half, 3, padding=1), _norm(norm, half), nn.GELU())
+            self.full_resolution = nn.Sequential(nn.Conv2d(in_channels, half, 3, padding=1), _norm(norm, half),
+                                                 nn.GELU())
             self.classifier = nn.Sequential(nn.Conv2d(2 * half, half, 3, padding=1), _norm(norm, half), nn.GELU(),
                                             nn.Conv2d(half, out_channels, 1))
 
