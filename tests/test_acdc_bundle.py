@@ -155,6 +155,7 @@ def test_inference_on_nifti_dicom_and_cine_series(tmp_path):
     nib.save(nib.Nifti1Image(volume, affine), str(source / "sax.nii.gz"))
     _write_mr_dicom_series(str(source / "sax_dicom"), volume)
     _write_mr_dicom_series(str(source / "cine"), volume, phases=3)
+    nib.save(nib.Nifti1Image(np.stack([volume, volume], -1), affine), str(source / "cine_4d.nii.gz"))
     out = tmp_path / "out"
     assert run(str(bundle), str(source), str(out)) == 1  # the cine series is refused, the others segmented
     with open(out / "summary.json") as f:
@@ -163,6 +164,8 @@ def test_inference_on_nifti_dicom_and_cine_series(tmp_path):
     assert rows["cine"]["status"] == "failed"
     assert "multi-phase (cine) series, 3 phases x 5 slice positions" in rows["cine"]["message"]
     assert "split_cine_phases.py" in rows["cine"]["message"]
+    assert rows["cine_4d.nii.gz"]["status"] == "failed"
+    assert "segment one 3D frame at a time" in rows["cine_4d.nii.gz"]["message"]
     seg = nib.load(rows["sax.nii.gz"]["output"])
     assert seg.shape == volume.shape and seg.get_data_dtype() == np.uint8
     np.testing.assert_allclose(seg.affine, affine, atol=1e-4)

@@ -243,8 +243,8 @@ def check_volume(image, source: str) -> None:
 
     spatial = tuple(image.shape[-3:]) if image.ndim >= 3 else tuple(image.shape)
     if image.ndim == 4 and image.shape[-1] > 1:
-        raise ValueError(f"{source}: a 4D volume of shape {tuple(image.shape)} (e.g. a cine series with one frame "
-                         f"per phase); segment one 3D frame at a time.")
+        raise ValueError(f"{source}: expected a 3D volume, got a 4D volume of shape {tuple(image.shape)} (e.g. a cine "
+                         f"series with one frame per phase); segment one 3D frame at a time.")
     if image.ndim != 3 or min(spatial) < 1:
         raise ValueError(f"{source}: expected a 3D volume, got an array of shape {tuple(image.shape)}.")
     if not torch.isfinite(torch.as_tensor(image)).all():
