@@ -75,11 +75,12 @@ def write_json_atomic(path: str, content: object) -> None:
 def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dict] = (),
                    test: Sequence[dict] = (), **extra: object) -> dict:
     """Write a MONAI datalist (``training``/``validation``/``test`` lists of dicts) with the ``image`` and ``label``
-    paths (absolute, or relative to the working directory) stored relative to the datalist's folder."""
+    paths (absolute, or relative to the working directory) stored relative to the datalist's folder. A ``label``
+    that is not a path (a class index) is stored as it is."""
     root = os.path.dirname(os.path.abspath(path))
 
     def relative(items: Sequence[dict]) -> list[dict]:
-        return [{k: os.path.relpath(os.path.abspath(v), root) if k in ("image", "label") else v
+        return [{k: os.path.relpath(os.path.abspath(v), root) if k in ("image", "label") and isinstance(v, str) else v
                  for k, v in item.items()} for item in items]
 
     datalist = {**extra, "training": relative(training), "validation": relative(validation), "test": relative(test)}
@@ -88,7 +89,8 @@ def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dic
 
 
 def load_datalist(path: str, key: str) -> list[dict]:
-    """The ``key`` list of a datalist file, with relative paths resolved against the file's folder."""
+    """The ``key`` list of a datalist file, with relative paths resolved against the file's folder (a ``label`` that
+    is a class index is left as it is)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: datalist not found (prepare the data with tools/prepare_*.py).")
     with open(path) as f:
@@ -96,5 +98,6 @@ def load_datalist(path: str, key: str) -> list[dict]:
     if key not in datalist:
         raise KeyError(f"{path}: no {key!r} list (found {sorted(datalist)}).")
     root = os.path.dirname(os.path.abspath(path))
-    return [{k: os.path.join(root, v) if k in ("image", "label") and not os.path.isabs(v) else v
+    return [{k: os.path.normpath(os.path.join(root, v)) if k in ("image", "label") and isinstance(v, str)
+             and not os.path.isabs(v) else v
              for k, v in item.items()} for item in datalist[key]]

@@ -133,8 +133,7 @@ class LTMedNeXtEncoder(nn.Module):
             if i > 0:
                 layers.append(nn.Sequential(_norm(norm, widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, stride=2)))
             layers += [LTMedNeXtBlock(width, attention_kernel_size, norm=norm, layer_scale_init=layer_scale_init,
-                                      drop_path=rates[block_index + j])
-                       for j in range(depth)]
+                                      drop_path=rates[block_index + j]) for j in range(depth)]
             self.stages.append(nn.Sequential(*layers))
             block_index += depth
 
@@ -255,19 +254,23 @@ class LTMedNeXtClassifier(nn.Module):
             2.58 G.
         dropout: dropout before the linear layer.
         norm, drop_path: as in :class:`LTMedNeXt`.
+        layer_scale_init: initial value of the blocks' per-channel layer scales. 1e-6 (ConvNeXt's choice for long
+            ImageNet schedules) leaves the blocks almost silent for the first thousands of steps; a few hundred steps
+            on a small dataset need a larger start, such as 0.1.
 
     Shapes:
         input ``(B, in_channels, H, W)`` with H, W at least 32; output ``(B, num_classes)``.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, size: str = "S", dropout: float = 0.0,
-                 norm: str = "batch", drop_path: float = 0.0) -> None:
+                 norm: str = "batch", drop_path: float = 0.0, layer_scale_init: float = 1e-6) -> None:
         super().__init__()
         _check_args("LTMedNeXtClassifier", in_channels, num_classes, size)
         widths, depths = LTMEDNEXT_SIZES[size]
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path)
+        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path,
+                                        layer_scale_init=layer_scale_init)
         self.norm = nn.LayerNorm(widths[-1])
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[-1], num_classes)

@@ -74,3 +74,62 @@ def random_weight_bundle(tmp_path):
     torch.manual_seed(0)
     torch.save(LTMedNeXt(2, 1, 9, "T").state_dict(), str(bundle / "models" / "model.pt"))
     return bundle
+
+
+MONKEYPOX = os.path.join(BUNDLES, "monkeypox_ltmednext_classification")
+SARSCOV2 = os.path.join(BUNDLES, "sarscov2_ct_ltmednext_classification")
+COVID19_SLICES = os.path.join(BUNDLES, "covid19_ct_slices_ltmednext_classification")
+CLASSIFICATION_BUNDLES = (MONKEYPOX, SARSCOV2, COVID19_SLICES)
+
+
+def make_photo(path, label: int, seed: int = 0, size=(48, 40), mode: str = "RGB") -> str:
+    """A small synthetic image whose class shows: class 0 a dark disc on grey, class 1 a bright square (any PIL mode)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[:h, :w]
+    image = np.full((h, w, 3), 120.0) + rng.normal(0, 8, (h, w, 3))
+    cy, cx = rng.integers(h // 3, 2 * h // 3), rng.integers(w // 3, 2 * w // 3)
+    if label == 0:
+        image[(y - cy) ** 2 + (x - cx) ** 2 < (h // 5) ** 2] = (30, 40, 50)
+    else:
+        image[(abs(y - cy) < h // 5) & (abs(x - cx) < w // 5)] = (240, 200, 180)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).convert(mode).save(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def synthetic_photos(tmp_path):
+    """A datalist folder with 12 synthetic 2-class images of 6 patients (training 8, validation 2, test 2)."""
+    from networks.data import write_datalist
+
+    root = tmp_path / "photos"
+    items = []
+    for i in range(12):
+        label = i % 2
+        items.append({"image": make_photo(root / f"class{label}" / f"p{i // 2}_{i}.png", label, seed=i),
+                      "label": label, "class_name": ["others", "monkeypox"][label], "group": f"p{i // 2}"})
+    write_datalist(str(root / "datalist.json"), items[:8], items[8:10], items[10:], classes=["others", "monkeypox"])
+    return root
+
+
+@pytest.fixture
+def random_weight_classifier(tmp_path):
+    """A copy of the Monkeypox bundle (configs, docs, LICENSE) with random LTMedNeXtClassifier-T weights."""
+    import shutil
+
+    import torch
+
+    from networks import LTMedNeXtClassifier
+
+    bundle = tmp_path / "classifier"
+    for name in ("configs", "docs"):
+        shutil.copytree(os.path.join(MONKEYPOX, name), bundle / name)
+    shutil.copy(os.path.join(MONKEYPOX, "LICENSE"), bundle / "LICENSE")
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(LTMedNeXtClassifier(3, 2, "T", dropout=0.1).state_dict(), str(bundle / "models" / "model.pt"))
+    return bundle

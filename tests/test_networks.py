@@ -154,3 +154,11 @@ def test_wrong_input_rank(model, shape):
 def test_classifier_rejects_tiny_images():
     with pytest.raises(ValueError, match="at least 32x32"):
         LTMedNeXtClassifier(3, 2, "T")(torch.randn(1, 3, 16, 16))
+
+
+def test_classifier_layer_scale_init():
+    default, larger = LTMedNeXtClassifier(3, 2, "T"), LTMedNeXtClassifier(3, 2, "T", layer_scale_init=0.1)
+    scales = {n: p for n, p in larger.named_parameters() if "gamma" in n}
+    assert len(scales) == 20 and all(torch.all(p == 0.1) for p in scales.values())
+    assert all(torch.all(p == 1e-6) for n, p in default.named_parameters() if "gamma" in n)
+    larger.load_state_dict(default.state_dict())  # same parameters: checkpoints load either way

@@ -81,3 +81,35 @@ def test_broken_bundles_are_caught(random_weight_bundle, tmp_path):
 ])
 def test_expression_allow_list(expression, allowed):
     assert (expression_problem(expression) is None) == allowed, expression_problem(expression)
+
+
+def test_classification_bundle_checks(random_weight_classifier, tmp_path):
+    """Classifiers: output (1, classes) instead of a spatial map; a bundle may declare that it ships no weights
+    (then its network is checked on initial weights), but must not ship a model file while saying so."""
+    source = tmp_path / "good"
+    shutil.copytree(random_weight_classifier, source)
+    _edit_json(source / "configs" / "metadata.json", lambda m: m.update(eval_metrics={}))
+    record_hashes(str(source))
+    broken = {name: tmp_path / name for name in ("channels", "spatial", "undeclared", "contradiction", "declared")}
+    for folder in broken.values():
+        shutil.copytree(source, folder)
+    _edit_json(broken["channels"] / "configs" / "metadata.json",
+               lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels=3))
+    _edit_json(broken["spatial"] / "configs" / "inference.json",  # a segmentation network behind a classifier's metadata
+               lambda c: c.update(network_def={"_target_": "networks.LTMedNeXt", "spatial_dims": 2, "in_channels": 3,
+                                               "out_channels": 2, "size": "T"}))
+    for name in ("undeclared", "declared", "spatial"):  # spatial: checked on initial weights, so its shape is reached
+        shutil.rmtree(broken[name] / "models")
+    for name in ("contradiction", "declared", "spatial"):
+        _edit_json(broken[name] / "configs" / "metadata.json", lambda m: m.update(weights_shipped=False))
+    for name in ("declared", "spatial"):
+        _edit_json(broken[name] / "configs" / "metadata.json", lambda m: m.update(model_sha256={}))
+
+    result = _verify(source, *broken.values())
+    lines = result.stdout.splitlines()
+    assert not [line for line in lines if line.startswith(("good:", "declared:"))], lines
+    expected = {"channels": "output channels", "spatial": "a classifier", "undeclared": "models/model.pt: missing",
+                "contradiction": "weights_shipped is false"}
+    for name, text in expected.items():
+        mine = [line for line in lines if line.startswith(f"{name}:")]
+        assert any(text in line for line in mine), (name, mine)

@@ -568,6 +568,23 @@ def _progress(total: int):
     return tqdm(total=total, unit="case", disable=not sys.stderr.isatty())
 
 
+def _classification_run(bundle_dir: str):
+    """``tools.classify.run`` when BUNDLE_DIR is a classification bundle (metadata output format ``classes``: images
+    in, ``predictions.csv`` out), else None."""
+    sys.modules.setdefault("tools.infer", sys.modules[__name__])  # run as a script: tools.classify shares UsageError
+    from tools.classify import is_classification_bundle, run as classify
+
+    return classify if is_classification_bundle(bundle_dir) else None
+
+
+def _image2d_segmentation_run(bundle_dir: str):
+    """``tools.segment2d.run`` when BUNDLE_DIR segments 2D images (PNG masks out), else None."""
+    sys.modules.setdefault("tools.infer", sys.modules[__name__])
+    from tools.segment2d import is_image2d_segmentation_bundle, run as segment2d
+
+    return segment2d if is_image2d_segmentation_bundle(bundle_dir) else None
+
+
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
          num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
          ray_address: str | None = None) -> None:
@@ -580,8 +597,8 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
     BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        code = run(bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine,
-                   ray_address)
+        code = (_classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir) or run)(
+            bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

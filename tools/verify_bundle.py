@@ -6,7 +6,8 @@ problem and exits 1 when there is any (0 when all pass, 2 when a named bundle do
 Checks:
 
 * files: ``LICENSE``, ``docs/README.md``, ``configs/{metadata,inference,train,evaluate,multi_gpu_train}.json``,
-  ``configs/logging.conf``, ``models/model.pt``;
+  ``configs/logging.conf``, ``models/model.pt`` (unless metadata says ``"weights_shipped": false``: a bundle whose
+  README says how to train it; then no model file may be shipped either);
 * metadata: valid against the schema it names, read from this repository's ``schemas/`` (never downloaded); the
   version present in the changelog; ``eval_metrics`` each stated in ``docs/README.md`` (key and value on one line);
 * ids MONAI's tools and MONAI Label use: ``bundle_root``, ``device``, ``network_def``, ``preprocessing``,
@@ -18,9 +19,10 @@ Checks:
 * weights: the sha256 of every file directly under ``models/`` recorded in metadata ``model_sha256`` and matching,
   and nothing recorded that is missing; loaded with ``weights_only=True``;
 * network: ``network_def`` with the shipped weights on ``torch.rand(1, C, *spatial_shape)`` from metadata gives
-  ``outputs#pred#num_channels`` channels and, for segmentation, the same spatial shape (``verify_net_in_out`` checks
-  only the channels); ``monai.bundle.ckpt_export`` to TorchScript, reloaded, equals eager within 1e-4; ONNX export
-  run by onnxruntime equals eager within 1e-4.
+  ``outputs#pred#num_channels`` channels and, for segmentation, the same spatial shape, for classification (output
+  format ``classes``) the shape ``(1, classes)`` (``verify_net_in_out`` checks only the channels);
+  ``monai.bundle.ckpt_export`` to TorchScript, reloaded, equals eager within 1e-4; ONNX export run by onnxruntime
+  equals eager within 1e-4. Without shipped weights these run on the network's seeded initial weights.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ ALLOWED_NAMES = ALLOWED_MODULES | {"np", "dist", "True", "False", "None", "int",
 OS_ATTRIBUTES = {"path", "environ", "sep"}
 REFERENCE = "_reference"  # what an ``@id`` becomes before parsing
 TOLERANCE = 1e-4
+CLASSIFICATION_FORMATS = ("classes", "classification")
 
 
 def expression_problem(expression: str) -> str | None:
@@ -99,8 +102,16 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_files(bundle: str) -> list[str]:
-    return [f"{name}: missing" for name in REQUIRED_FILES if not os.path.isfile(os.path.join(bundle, name))]
+def _weights_shipped(meta: dict) -> bool:
+    return meta.get("weights_shipped", True) is not False
+
+
+def _check_files(bundle: str, meta: dict) -> list[str]:
+    required = REQUIRED_FILES if _weights_shipped(meta) else tuple(n for n in REQUIRED_FILES if n != "models/model.pt")
+    problems = [f"{name}: missing" for name in required if not os.path.isfile(os.path.join(bundle, name))]
+    if not _weights_shipped(meta) and os.path.isfile(os.path.join(bundle, "models", "model.pt")):
+        problems.append("models/model.pt: shipped, but metadata says weights_shipped is false")
+    return problems
 
 
 def _check_metadata(bundle: str, meta: dict) -> list[str]:
@@ -176,12 +187,16 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
     parser.read_config(config_file)
     parser["bundle_root"] = bundle
     parser["device"] = "$torch.device('cpu')"
+    torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        network.load_state_dict(state.get("model", state))
-    except Exception as e:
-        return [f"models/model.pt: cannot be loaded into network_def ({str(e).splitlines()[0][:200]})"]
+    if _weights_shipped(meta):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            network.load_state_dict(state.get("model", state))
+        except Exception as e:
+            return [f"models/model.pt: cannot be loaded into network_def ({str(e).splitlines()[0][:200]})"]
+    else:
+        state = network.state_dict()
     network.eval()
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
@@ -194,8 +209,14 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
         problems.append(f"network_def gives {expected.shape[1]} output channels, metadata says {pred['num_channels']}")
     if pred.get("format") == "segmentation" and list(expected.shape[2:]) != spatial:
         problems.append(f"network_def gives spatial shape {list(expected.shape[2:])} for input {spatial}")
+    if str(pred.get("format", "")).lower() in CLASSIFICATION_FORMATS and expected.ndim != 2:
+        problems.append(f"network_def gives shape {list(expected.shape)} for one image; a classifier (output format "
+                        f"{pred.get('format')!r}) gives (1, classes)")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if not _weights_shipped(meta):  # ckpt_export reads a checkpoint file: the initial weights
+            weights = os.path.join(tmp, "initial.pt")
+            torch.save(state, weights)
         ts_path = os.path.join(tmp, "model.ts")
         try:
             # MONAI's bundle scripts log their input summary to stdout, which carries only this tool's problem lines
@@ -222,12 +243,12 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
 
 def verify(bundle: str) -> list[str]:
     """Every problem of the bundle in ``bundle``, one line each (empty when it passes)."""
-    problems = _check_files(bundle)
     try:
         with open(os.path.join(bundle, "configs", "metadata.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        return problems + [f"configs/metadata.json: cannot be read ({e})"]
+        return _check_files(bundle, {}) + [f"configs/metadata.json: cannot be read ({e})"]
+    problems = _check_files(bundle, meta)
     problems += _check_metadata(bundle, meta) + _check_configs(bundle) + _check_weights(bundle, meta)
     if not {"configs/inference.json: missing", "models/model.pt: missing"} & set(problems):
         try:
@@ -245,7 +266,8 @@ def record_hashes(bundle: str) -> dict[str, str]:
     with open(meta_file) as f:
         meta = json.load(f)
     models = os.path.join(bundle, "models")
-    meta["model_sha256"] = {f"models/{name}": sha256(os.path.join(models, name)) for name in sorted(os.listdir(models))
+    names = sorted(os.listdir(models)) if os.path.isdir(models) else []
+    meta["model_sha256"] = {f"models/{name}": sha256(os.path.join(models, name)) for name in names
                             if os.path.isfile(os.path.join(models, name))}
     write_json_atomic(meta_file, meta)
     return meta["model_sha256"]

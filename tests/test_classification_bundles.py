@@ -1,0 +1,126 @@
+"""The classification bundles' configs run as users run them: training with resume and MLflow, evaluation with a
+confusion matrix, MONAI's own inference runner; the shipped weights still classify real held-out images."""
+
+import csv
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLASSIFICATION_BUNDLES, COVID19_SLICES, MONKEYPOX, REPO, SARSCOV2, shared_data
+
+# small settings so an epoch takes seconds on a CPU
+FAST = ["--image_size", "[64, 64]", "--num_threads", "2", "--train#dataloader#batch_size", "4",
+        "--train#trainer#max_epochs"]
+
+
+def _bundle(*args, cwd=MONKEYPOX, timeout=600):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("bundle", CLASSIFICATION_BUNDLES, ids=os.path.basename)
+def test_metadata_valid_offline_and_consistent_with_configs(bundle):
+    import jsonschema
+
+    with open(os.path.join(REPO, "schemas", "meta_schema_20240725.json")) as f:
+        schema = json.load(f)
+    with open(os.path.join(bundle, "configs", "metadata.json")) as f:
+        meta = json.load(f)
+    jsonschema.validate(meta, schema)
+    assert meta["version"] in meta["changelog"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["format"] == "classes" and pred["num_channels"] == len(pred["channel_def"])
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [224, 224]
+    for name in ("inference.json", "train.json"):
+        with open(os.path.join(bundle, "configs", name)) as f:
+            config = json.load(f)
+        assert config["num_classes"] == pred["num_channels"] and config["image_size"] == [224, 224], name
+    expected = {MONKEYPOX: ["others", "monkeypox"], SARSCOV2: ["non_covid", "covid"],
+                COVID19_SLICES: ["normal", "covid", "cap"]}[bundle]
+    assert [pred["channel_def"][str(i)] for i in range(len(expected))] == expected
+    assert (meta.get("weights_shipped", True) is False) == (bundle == COVID19_SLICES)
+    if bundle == SARSCOV2:  # the shipped weights come from a stand-in dataset, and metadata says so
+        assert "UCSD COVID-CT" in meta["trained_on"] and "stand-in" in meta["description"]
+
+
+def test_train_checkpoints_every_epoch_resumes_and_tracks_to_mlflow(synthetic_photos, tmp_path):
+    pytest.importorskip("mlflow")
+    root = tmp_path / "run"
+    common = ["run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(synthetic_photos),
+              "--bundle_root", str(root), *FAST]
+    _bundle(*common, "1", "--tracking", "mlflow")
+    assert os.listdir(root / "models" / "checkpoints") == ["checkpoint_epoch=1.pt"]
+    assert (root / "models" / "model.pt").is_file()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(root / "eval"))
+    with sqlite3.connect(str(root / "eval" / "mlruns.db")) as db:
+        metrics = {row[0] for row in db.execute("select key from metrics")}
+    assert {"train_loss", "val_balanced_accuracy", "val_auc"} <= metrics
+    log = _bundle(*common, "2")
+    assert "Epoch: 2/2" in log and "Epoch: 1/2" not in log  # resumed after epoch 1
+    from networks.training import latest_checkpoint
+
+    assert os.path.basename(latest_checkpoint(str(root / "models" / "checkpoints"))) == "checkpoint_epoch=2.pt"
+    import torch
+
+    from networks import LTMedNeXtClassifier
+
+    state = torch.load(str(root / "models" / "model.pt"), weights_only=True)
+    LTMedNeXtClassifier(3, 2, "T").load_state_dict(state)  # the best model is a plain state dict
+
+
+def test_evaluate_writes_metrics_and_confusion_matrix(synthetic_photos, random_weight_classifier):
+    _bundle("run", "--config_file", "['configs/inference.json','configs/evaluate.json']", "--meta_file",
+            "configs/metadata.json", "--bundle_root", str(random_weight_classifier), "--dataset_dir",
+            str(synthetic_photos), cwd=str(random_weight_classifier))
+    out = random_weight_classifier / "eval"
+    assert {"metrics.csv", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv"} <= set(os.listdir(out))
+    with open(out / "metrics.csv") as f:
+        metrics = {row["metric"]: row["value"] for row in csv.DictReader(f)}
+    assert metrics["n"] == "2" and {"accuracy", "balanced_accuracy", "f1_macro", "auc"} <= set(metrics)
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [os.path.basename(r["image"]) for r in rows] == ["p5_10.png", "p5_11.png"]  # the test split
+
+
+def test_monai_runner_inference_writes_class_probabilities(synthetic_photos, random_weight_classifier, tmp_path):
+    out = tmp_path / "out"
+    _bundle("run", "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
+            "--bundle_root", str(random_weight_classifier), "--dataset_dir", str(synthetic_photos / "class1"),
+            "--output_dir", str(out), cwd=str(random_weight_classifier))
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 6 and all(len(r) == 3 for r in rows)  # file name, p(others), p(monkeypox)
+    assert all(abs(float(r[1]) + float(r[2]) - 1) < 1e-4 for r in rows)
+
+
+@pytest.mark.parametrize("bundle,layout", [(MONKEYPOX, "monkeypox"), (SARSCOV2, "covid_ct")],
+                         ids=["monkeypox", "sarscov2"])
+def test_shipped_weights_reproduce_the_documented_test_metrics(bundle, layout, tmp_path):
+    """The shipped weights, through tools/classify.py's loader, on the held-out test split (patients/sources never
+    trained or selected on) give the accuracy and AUC that metadata and docs/README.md state: catches broken or
+    swapped weights and preprocessing drift between training, evaluation and inference."""
+    sys.path.insert(0, REPO)
+    import numpy as np
+
+    from networks.classification import classification_metrics
+    from networks.data import load_datalist
+    from tools import prepare_classification
+    from tools.classify import ClassifierRunner
+
+    with open(os.path.join(bundle, "configs", "metadata.json")) as f:
+        expected = json.load(f)["eval_metrics"]
+    path = getattr(prepare_classification, layout)(shared_data(layout), str(tmp_path / "data"))
+    test = load_datalist(path, "test")
+    runner = ClassifierRunner(bundle)
+    probabilities = runner.predict([runner.load(item["image"]) for item in test])
+    labels = [item["label"] for item in test]
+    result = classification_metrics(labels, np.asarray(probabilities), len(runner.class_names))
+    assert round(result["accuracy"], 4) == expected["test_accuracy"]
+    assert abs(result["auc"] - expected["test_auc"]) < 2e-3  # resize through the runner vs the evaluation config

@@ -1,0 +1,146 @@
+"""tools/export_bundle.py: an exported zip runs where this repository is not installed.
+
+The clean environment is a venv made here (``--without-pip``) that sees the project venv's site-packages through a
+plain path line: Python does not process the ``.pth`` files of such a path, so the editable install of this
+repository (a ``.pth`` import hook) is absent, and the working directory is a temporary folder. The test first checks
+that ``networks`` cannot be imported there, then runs the exported bundle with ``python -m monai.bundle run`` and
+checks the label and that ``networks`` came from the unzipped bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bundle_samples import exported, labelled_volumes, labels, volume_bundles
+from conftest import SYNAPSE
+from tools.export_bundle import UsageError, export
+from tools.verify_bundle import sha256
+
+
+@pytest.fixture(scope="module")
+def clean_python(tmp_path_factory):
+    """A Python with the project's dependencies but without this repository."""
+    venv = tmp_path_factory.mktemp("clean") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    with open(os.path.join(site, "project_dependencies.pth"), "w") as f:
+        f.write("\n".join(sorted(paths)) + "\n")
+    return str(python)
+
+
+def _clean_env() -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}, "OMP_NUM_THREADS": "2"}
+
+
+def _unzip(archive: str, target) -> str:
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        z.extractall(target)
+    return os.path.join(str(target), names[0].split("/")[0])
+
+
+@pytest.mark.parametrize("bundle", volume_bundles(), ids=os.path.basename)
+def test_exported_bundle_runs_without_the_repository(bundle, clean_python, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = _unzip(exported(bundle), tmp_path / "unzipped")
+    name = os.path.basename(bundle)
+    assert os.path.basename(root) == name
+    for path in ("networks/__init__.py", "networks/ltmednext.py", "models/model.ts", "models/model.pt",
+                 "configs/inference_torchscript.json", "LICENSE"):
+        assert os.path.isfile(os.path.join(root, path)), path
+    assert not os.path.isdir(os.path.join(root, "networks", "__pycache__"))
+    with open(os.path.join(root, "configs", "metadata.json")) as f:
+        meta = json.load(f)
+    assert "litemed-bundles" not in meta["required_packages_version"]
+    assert meta["model_sha256"]["models/model.ts"] == sha256(os.path.join(root, "models", "model.ts"))
+
+    image = labelled_volumes(bundle, str(tmp_path / "samples"))["full"][0]
+    # one process: TorchScript first (it must not need networks at all), then network_def + model.pt
+    configs = {"torchscript": ["inference.json", "inference_torchscript.json"], "network_def": ["inference.json"]}
+    script = ("import importlib.util, sys\nfrom monai.bundle import run\n"
+              "print('NETWORKS_FROM', 'before', importlib.util.find_spec('networks'))\n")
+    for engine, files in configs.items():
+        script += (f"run(config_file={[os.path.join(root, 'configs', c) for c in files]!r}, bundle_root={root!r}, "
+                   f"datalist=[{{'image': {image!r}}}], output_dir={str(tmp_path / engine)!r})\n"
+                   f"print('NETWORKS_FROM', {engine!r}, getattr(sys.modules.get('networks'), '__file__', None))\n")
+    result = subprocess.run([clean_python, "-c", script], cwd=elsewhere, env=_clean_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    imported_from = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("NETWORKS_FROM"))
+    # before: the environment really is clean; then only the bundle's copy can be imported
+    assert imported_from == {"before": "None", "torchscript": "None",
+                             "network_def": os.path.join(root, "networks", "__init__.py")}
+    outputs = {}
+    for engine in configs:
+        written = [p for p in os.listdir(tmp_path / engine) if p.endswith(".nii.gz")]
+        assert len(written) == 1, written
+        outputs[engine] = nib.load(str(tmp_path / engine / written[0]))
+
+    source = nib.load(image)
+    label = np.asarray(outputs["network_def"].dataobj)
+    assert outputs["network_def"].shape == source.shape
+    np.testing.assert_allclose(outputs["network_def"].affine, source.affine, atol=1e-3)
+    assert set(np.unique(label).tolist()) - {0} and set(np.unique(label).tolist()) <= {0, *labels(bundle).values()}
+    assert float((label == np.asarray(outputs["torchscript"].dataobj)).mean()) >= 0.999
+
+
+def test_volume_bundles_are_told_from_2d_image_bundles(tmp_path):
+    """Volume bundles (SliceInferer or a 3D input) are tested in MONAI Label; a 2D image bundle is not."""
+    from bundle_samples import serves_volumes
+
+    assert SYNAPSE in volume_bundles()
+    image_bundle = tmp_path / "x_segmentation"
+    shutil.copytree(os.path.join(SYNAPSE, "configs"), image_bundle / "configs")
+    config = json.loads((image_bundle / "configs" / "inference.json").read_text())
+    config["inferer"] = {"_target_": "SimpleInferer"}
+    (image_bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert not serves_volumes(str(image_bundle))
+    meta = json.loads((image_bundle / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [96, 96, 96]
+    (image_bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    assert serves_volumes(str(image_bundle))
+
+
+def test_export_refuses_networks_expressions(tmp_path):
+    """MONAI evaluates $ imports before it puts the bundle root on sys.path: a $networks expression would fail in
+    the exported bundle, so export names it instead of writing a zip that breaks later."""
+    bundle = tmp_path / "synapse_ltmednext_segmentation"
+    shutil.copytree(os.path.join(SYNAPSE, "configs"), bundle / "configs")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"")
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    train["train_datalist"] = "$networks.data.load_datalist(@datalist_file, 'training')"
+    (bundle / "configs" / "train.json").write_text(json.dumps(train))
+    with pytest.raises(UsageError, match=r"configs/train.json: train_datalist"):
+        export(str(bundle), str(tmp_path / "out.zip"))
+    assert not os.path.exists(tmp_path / "out.zip")
+    with pytest.raises(UsageError, match="not found"):
+        export(str(tmp_path / "missing"), str(tmp_path / "out.zip"))
+    with pytest.raises(UsageError, match=r"\.zip"):
+        export(SYNAPSE, str(tmp_path / "out.tar"))
+
+
+def test_latest_checkpoint_only_resumes_unfinished_runs(tmp_path):
+    from networks.training import latest_checkpoint
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    for epoch in (1, 3):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=3.pt")
+    assert latest_checkpoint(str(tmp_path), before_epoch=5).endswith("checkpoint_epoch=3.pt")
+    assert latest_checkpoint(str(tmp_path), before_epoch=3) is None  # that run finished its 3 epochs
+    assert latest_checkpoint(str(tmp_path), before_epoch=1) is None

@@ -1,0 +1,43 @@
+"""The shipped LiteNeXt weights (DSB2018, PH2) on their unseen test images, through tools/infer.py's 2D path: masks of
+each image's size that match the real annotations (a regression guard well below the measured test Dice, see the
+bundles' docs/README.md)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BUNDLES, REPO, shared_data
+
+sys.path.insert(0, REPO)
+from networks.segmentation2d import binary_metrics, read_mask  # noqa: E402
+from tools.prepare_litenext import dsb2018_pairs, ph2_pairs, split_of  # noqa: E402
+from tools.segment2d import run  # noqa: E402
+
+CASES = {  # bundle, sample folder, pairs of its layout, split fractions of the bundle's datalist, guard on mean Dice
+    "dsb2018": ("dsb2018_litenext_segmentation", "dsb2018", dsb2018_pairs, (0.8, 0.1, 0.1), 0.75),
+    "ph2": ("ph2_litenext_segmentation", "ph2", ph2_pairs, (0.6, 0.2, 0.2), 0.80),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(CASES))
+def test_shipped_weights_on_unseen_test_images(dataset, tmp_path):
+    bundle, sample, pairs_of, fractions, guard = CASES[dataset]
+    pairs = {p["case"]: p for p in pairs_of(shared_data(sample))}
+    test_cases = split_of(list(pairs.values()), fractions, seed=42)[2]  # the split seed of the bundle's docs
+    assert test_cases
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in test_cases:
+        image = pairs[case]["image"]
+        os.symlink(image, inputs / f"{case}{os.path.splitext(image)[1]}")
+    assert run(os.path.join(BUNDLES, bundle), str(inputs), str(tmp_path / "out")) == 0
+    dice = []
+    for case in test_cases:
+        pred = np.asarray(Image.open(tmp_path / "out" / f"{case}_seg.png"))
+        gt = read_mask(pairs[case]["masks"][0])
+        assert pred.shape == gt.shape and set(np.unique(pred)) <= {0, 1}
+        dice.append(binary_metrics(pred, gt)["dice"])
+    assert np.mean(dice) >= guard, dice

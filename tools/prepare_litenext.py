@@ -1,0 +1,309 @@
+"""Converters for the LiteNeXt 2D segmentation bundles: each dataset's original layout -> one common layout.
+
+``python tools/prepare_litenext.py DATASET SOURCE OUTPUT [--seed 42] [--fractions 0.8,0.1,0.1]`` with DATASET one of
+``dsb2018 glas isic2018 ph2 sunnybrook lungxray``. OUTPUT receives
+
+* ``images/<case>.png``: 8-bit RGB (grey images replicated, DICOM scaled by its window or range);
+* ``masks/<case>.png``: 8-bit 0/1 mask (1 = foreground) of the same height and width;
+* ``datalist.json``: MONAI datalist, ``training``/``validation``/``test`` lists of ``{"image", "label", "case"}``,
+  plus ``dataset``, ``split_seed`` and ``fractions``. The split is reproducible from the seed; cases of one patient
+  (Sunnybrook) stay on one side, and a diagnosis (PH2) or normal/abnormal label (lung X-ray) is stratified.
+
+Layouts read (searched recursively under SOURCE):
+
+* ``dsb2018``: Kaggle ``stage1_train/<id>/images/<id>.png`` + ``<id>/masks/*.png`` (one mask per nucleus, merged), or
+  the 96x96 preprocessing ``images/<id>.png`` + ``masks/0/<id>.png`` (or ``masks/<id>.png``; masks thresholded at 127).
+* ``glas``: ``train_XX.bmp`` + ``train_XX_anno.bmp`` (instance labels; any label > 0 is gland); ``testA_*``/``testB_*``
+  form the test list (the challenge's test sets), ``train_*`` is split into training and validation.
+* ``isic2018``: Task 1 ``ISIC_XXXXXXX.jpg`` + ``ISIC_XXXXXXX_segmentation.png``.
+* ``ph2``: ``IMDXXX/IMDXXX_Dermoscopic_Image/IMDXXX.bmp`` + ``IMDXXX/IMDXXX_lesion/IMDXXX_lesion.bmp``; the diagnosis
+  from ``PH2_dataset.txt`` or ``PH2_diagnosis_subset.tsv`` (when present) stratifies the split.
+* ``sunnybrook``: Sunnybrook Cardiac Data, DICOM images (``IM-SSSS-NNNN.dcm``) and expert contours
+  ``IM-SSSS-NNNN-icontour-manual.txt`` (``x y`` per line, pixel coordinates); ``--contour i`` (default) masks the LV
+  cavity inside the i-contour (endocardium), ``--contour o`` the whole LV inside the o-contour (epicardium). The
+  patient is the folder that holds ``contours-manual`` (or the contour file's top folder under SOURCE); images are
+  matched by name within the same patient folder.
+* ``lungxray``: Montgomery (``CXR_png/MCUCXR_XXXX_N.png`` + ``ManualMask/leftMask/`` and ``rightMask/`` of the same
+  name), Shenzhen (``CXR_png/CHNCXR_XXXX_N.png`` + ``mask/CHNCXR_XXXX_N_mask.png``) and JSRT converted to PNG with
+  the SCR masks (``.../left lung/JPCLN001.gif`` + ``.../right lung/JPCLN001.gif``): the mask is left | right lung.
+  The trailing ``_0``/``_1`` of Montgomery/Shenzhen names (normal/abnormal) stratifies the split.
+
+A pair that cannot be read (corrupt file, mask of another size) is reported by name and skipped; the conversion goes on.
+Each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterable, Sequence
+
+import fire
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from networks.classification import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
+from networks.data import write_datalist  # noqa: E402
+from networks.segmentation2d import read_mask, split_cases  # noqa: E402
+
+log = logging.getLogger("prepare_litenext")
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
+    os.close(handle)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _walk(root: str) -> list[str]:
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        found += [os.path.join(folder, f) for f in sorted(files) if not f.startswith(".")]
+    return found
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+class Pair(dict):
+    """One case to convert: ``case`` name, ``image`` path, ``masks`` (paths whose union is the mask, or a callable
+    giving the mask for the image's shape), optional ``stratum``, ``group`` and ``subset`` (``test`` to force)."""
+
+
+def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
+            fractions: Sequence[float] = (0.8, 0.1, 0.1), threshold: float = 0.5) -> dict:
+    """Write every pair in the common layout and the datalist; returns the datalist."""
+    if not pairs:
+        raise ValueError(f"no {dataset} image/mask pairs found; see tools/prepare_litenext.py for the layouts read.")
+    converted, failed = [], []
+    for pair in pairs:
+        image_path = os.path.join(output, "images", f"{pair['case']}.png")
+        mask_path = os.path.join(output, "masks", f"{pair['case']}.png")
+        try:
+            image = np.round(read_image_rgb(pair["image"]) * 255).astype(np.uint8)
+            masks = pair["masks"]
+            if callable(masks):
+                mask = masks(image.shape[:2])
+            else:
+                if not masks:
+                    raise ValueError(f"{pair['image']}: no mask file found for this image.")
+                mask = np.zeros(image.shape[:2], dtype=np.uint8)
+                for path in masks:
+                    part = read_mask(path, threshold)
+                    if part.shape != mask.shape:
+                        raise ValueError(f"{path}: mask size {part.shape[::-1]} differs from image {pair['image']} "
+                                         f"{mask.shape[::-1]} (width x height).")
+                    mask |= part
+            _save_png(image, image_path)
+            _save_png(mask.astype(np.uint8), mask_path)
+        except Exception as e:  # one bad case is reported and skipped
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.error("skipped %s: %s", pair["case"], message)
+            failed.append({"case": pair["case"], "message": message})
+            continue
+        item = {"image": image_path, "label": mask_path, "case": pair["case"]}
+        item.update({k: pair[k] for k in ("stratum", "group") if k in pair})
+        converted.append((item, pair.get("subset")))
+    training, validation, test = assign_splits(converted, fractions, seed)
+    datalist = write_datalist(os.path.join(output, "datalist.json"), training, validation, test, dataset=dataset,
+                              split_seed=seed, fractions=list(fractions), failed=failed)
+    log.info("%s: %d training, %d validation, %d test, %d skipped -> %s", dataset, len(training), len(validation),
+             len(test), len(failed), output)
+    return datalist
+
+
+def assign_splits(items: Sequence[tuple[dict, str | None]], fractions: Sequence[float], seed: int) -> list[list[dict]]:
+    """Training/validation/test lists of ``(item, subset)`` pairs: a ``test`` subset (the dataset's own test set)
+    is the test list and the rest is split into training/validation; otherwise all are split by ``fractions``."""
+    fixed_test = [item for item, subset in items if subset == "test"]
+    rest = [item for item, subset in items if subset != "test"]
+    if fixed_test:
+        train_share = fractions[0] / (fractions[0] + fractions[1])
+        return [*split_cases(rest, (train_share, 1 - train_share), seed, group_key="group"), fixed_test]
+    return split_cases(rest, fractions, seed, group_key="group")
+
+
+def split_of(pairs: Sequence[Pair], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 42) -> list[list[str]]:
+    """The case names ``convert`` puts in training/validation/test when every pair converts (nothing is written)."""
+    items = [({"case": p["case"], **{k: p[k] for k in ("stratum", "group") if k in p}}, p.get("subset")) for p in pairs]
+    return [[item["case"] for item in part] for part in assign_splits(items, fractions, seed)]
+
+
+# ------------------------------------------------------------------------------------------------------ the layouts
+def dsb2018_pairs(source: str) -> list[Pair]:
+    """Kaggle stage1_train (per-nucleus masks, merged) or the 96x96 ``images/`` + ``masks/0/`` preprocessing."""
+    pairs = []
+    for image in _walk(source):
+        parts = image.split(os.sep)
+        if len(parts) < 2 or parts[-2] != "images" or not image.lower().endswith(".png"):
+            continue
+        case, parent = _stem(image), os.path.dirname(os.path.dirname(image))
+        if os.path.basename(parent) == case:  # stage1_train/<id>/images/<id>.png
+            masks = sorted(glob.glob(os.path.join(parent, "masks", "*.png")))
+        else:
+            masks = [p for p in (os.path.join(parent, "masks", "0", f"{case}.png"),
+                                 os.path.join(parent, "masks", f"{case}.png")) if os.path.isfile(p)][:1]
+        pairs.append(Pair(case=case, image=image, masks=masks))
+    return pairs
+
+
+def glas_pairs(source: str) -> list[Pair]:
+    """GlaS: ``<split>_<n>.bmp`` + ``<split>_<n>_anno.bmp``; testA/testB are the test list."""
+    pairs = []
+    for image in _walk(source):
+        match = re.fullmatch(r"(train|testA|testB)_(\d+)\.bmp", os.path.basename(image), re.IGNORECASE)
+        if not match:
+            continue
+        anno = os.path.join(os.path.dirname(image), f"{_stem(image)}_anno.bmp")
+        pairs.append(Pair(case=_stem(image), image=image, masks=[anno] if os.path.isfile(anno) else [],
+                          subset="test" if match.group(1).lower().startswith("test") else None))
+    return pairs
+
+
+def isic2018_pairs(source: str) -> list[Pair]:
+    """ISIC 2018 Task 1: ``ISIC_<n>.jpg`` + ``ISIC_<n>_segmentation.png`` anywhere under SOURCE."""
+    files = _walk(source)
+    masks = {os.path.basename(p)[: -len("_segmentation.png")]: p for p in files if p.endswith("_segmentation.png")}
+    return [Pair(case=_stem(p), image=p, masks=[masks[_stem(p)]] if _stem(p) in masks else [])
+            for p in files if re.fullmatch(r"ISIC_\d+\.jpe?g", os.path.basename(p), re.IGNORECASE)]
+
+
+def _ph2_diagnoses(source: str) -> dict[str, int]:
+    diagnoses = {}
+    for path in _walk(source):
+        if os.path.basename(path) in ("PH2_dataset.txt", "PH2_diagnosis_subset.tsv"):
+            with open(path, errors="replace") as f:
+                for line in f:
+                    cells = [c.strip() for c in re.split(r"\||\t", line) if c.strip()]
+                    if len(cells) >= 2 and re.fullmatch(r"IMD\d+", cells[0]) and cells[1].isdigit():
+                        diagnoses[cells[0]] = int(cells[1])
+    return diagnoses
+
+
+def ph2_pairs(source: str) -> list[Pair]:
+    """PH2: ``IMDXXX/IMDXXX_Dermoscopic_Image/IMDXXX.bmp`` + ``IMDXXX/IMDXXX_lesion/IMDXXX_lesion.bmp``."""
+    diagnoses = _ph2_diagnoses(source)
+    pairs = []
+    for image in _walk(source):
+        case = _stem(image)
+        if os.path.basename(os.path.dirname(image)) != f"{case}_Dermoscopic_Image":
+            continue
+        lesion = os.path.join(os.path.dirname(os.path.dirname(image)), f"{case}_lesion", f"{case}_lesion.bmp")
+        pair = Pair(case=case, image=image, masks=[lesion] if os.path.isfile(lesion) else [])
+        if case in diagnoses:
+            pair["stratum"] = diagnoses[case]
+        pairs.append(pair)
+    return pairs
+
+
+def contour_mask(contour_file: str, shape: tuple[int, int]) -> np.ndarray:
+    """The filled polygon of a Sunnybrook contour file (``x y`` pixel coordinates per line) as a 0/1 mask."""
+    from PIL import Image, ImageDraw
+
+    try:
+        points = np.loadtxt(contour_file, dtype=np.float64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{contour_file}: not a contour file of 'x y' lines ({e}).") from e
+    if points.shape[1] != 2 or len(points) < 3:
+        raise ValueError(f"{contour_file}: a contour needs at least 3 'x y' points, got shape {points.shape}.")
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in points], fill=1, outline=1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def sunnybrook_pairs(source: str, contour: str = "i") -> list[Pair]:
+    """Sunnybrook: each ``IM-SSSS-NNNN-<contour>contour-manual.txt`` with the DICOM ``IM-SSSS-NNNN(.dcm)`` of its
+    patient."""
+    if contour not in ("i", "o"):
+        raise ValueError(f"contour must be 'i' (endocardium) or 'o' (epicardium), got {contour!r}.")
+    files = _walk(source)
+    pairs = []
+    for path in files:
+        match = re.fullmatch(rf"(IM-\d+-\d+)-{contour}contour-manual\.txt", os.path.basename(path))
+        if not match:
+            continue
+        relative = os.path.relpath(path, source).split(os.sep)
+        patient = relative[relative.index("contours-manual") - 1] if "contours-manual" in relative[1:] else relative[0]
+        image_name = match.group(1)
+        candidates = [p for p in files if _stem(p) == image_name and not p.endswith(".txt")
+                      and patient in os.path.relpath(p, source).split(os.sep)]
+        if not candidates:
+            log.error("skipped %s: no DICOM image %s for patient %s", path, image_name, patient)
+            continue
+        pairs.append(Pair(case=f"{patient}_{image_name}", image=candidates[0], group=patient,
+                          masks=lambda shape, c=path: contour_mask(c, shape)))
+    return pairs
+
+
+def lungxray_pairs(source: str) -> list[Pair]:
+    """Montgomery (left/right masks), Shenzhen (``_mask`` files) and JSRT/SCR (left/right lung GIFs)."""
+    files = _walk(source)
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(_stem(path), []).append(path)
+    pairs = []
+    for image in files:
+        folders = [f.lower() for f in os.path.relpath(image, source).split(os.sep)[:-1]]
+        if not image.lower().endswith(IMAGE_SUFFIXES) or any("mask" in f or "lung" in f for f in folders):
+            continue
+        stem = _stem(image)
+        if stem.endswith("_mask"):
+            continue
+        masks = [p for p in by_stem.get(f"{stem}_mask", [])]
+        if not masks:  # left and right lung masks of the same name
+            sides = [p for p in by_stem.get(stem, []) if p != image]
+            folder = {p: os.path.relpath(os.path.dirname(p), source) for p in sides}
+            masks = [p for p in sides if re.search(r"left", folder[p], re.IGNORECASE)][:1] + \
+                    [p for p in sides if re.search(r"right", folder[p], re.IGNORECASE)][:1]
+        pair = Pair(case=stem, image=image, masks=masks)
+        abnormal = re.search(r"_([01])$", stem)
+        if abnormal:
+            pair["stratum"] = int(abnormal.group(1))
+        pairs.append(pair)
+    return pairs
+
+
+LAYOUTS: dict[str, Callable[..., list[Pair]]] = {"dsb2018": dsb2018_pairs, "glas": glas_pairs,
+                                                 "isic2018": isic2018_pairs, "ph2": ph2_pairs,
+                                                 "sunnybrook": sunnybrook_pairs, "lungxray": lungxray_pairs}
+THRESHOLDS = {"dsb2018": 0.5, "glas": 0.0, "isic2018": 0.5, "ph2": 0.5, "sunnybrook": 0.5, "lungxray": 0.5}
+
+
+def prepare(dataset: str, source: str, output: str, seed: int = 42, fractions: Iterable[float] = (0.8, 0.1, 0.1),
+            contour: str = "i") -> dict:
+    """Convert SOURCE (the dataset's original layout) into OUTPUT; returns the datalist."""
+    if dataset not in LAYOUTS:
+        raise ValueError(f"dataset must be one of {', '.join(LAYOUTS)}, got {dataset!r}.")
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source}: source folder not found.")
+    fractions = [float(f) for f in (fractions.split(",") if isinstance(fractions, str) else fractions)]
+    pairs = sunnybrook_pairs(source, contour) if dataset == "sunnybrook" else LAYOUTS[dataset](source)
+    return convert(pairs, output, dataset, seed, fractions, THRESHOLDS[dataset])
+
+
+def main(dataset: str, source: str, output: str, seed: int = 42, fractions: str = "0.8,0.1,0.1",
+         contour: str = "i") -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    datalist = prepare(dataset, source, output, seed, fractions, contour)
+    if datalist.get("failed"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
