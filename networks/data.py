@@ -9,13 +9,19 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "write_json_atomic", "write_datalist", "load_datalist"]
+__all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
+           "write_json_atomic", "write_nifti_atomic", "write_datalist", "load_datalist"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)
 SYNAPSE_ORGANS = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
                   "pancreas")
 # BTCV label id -> Synapse 8-organ label; every other BTCV id (esophagus, IVC, veins, adrenals) is background
 BTCV_TO_SYNAPSE = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
+# ACDC label values (the original challenge convention, kept by the SSL4MIS h5 preprocessing)
+ACDC_CLASSES = ("background", "right_ventricle", "myocardium", "left_ventricle")
+# the SSL4MIS h5 files store no spacing: this typical ACDC spacing (mm; x, y in-plane, z between slices) is written
+# into the converted NIfTI headers and used only for HD95 in mm; nothing in the pipeline resamples with it
+ACDC_H5_SPACING = (1.5, 1.5, 10.0)
 
 
 def btcv_to_synapse(label: np.ndarray) -> np.ndarray:
@@ -27,6 +33,28 @@ def btcv_to_synapse(label: np.ndarray) -> np.ndarray:
     if values.min() < 0 or values.max() > 13:
         raise ValueError(f"BTCV labels must lie in 0..13, found {values.min()}..{values.max()}.")
     return lookup[values]
+
+
+def check_labels(label: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+    """``label`` as uint8 when every value is an integer in ``0 .. num_classes - 1``; a clear error naming ``source``
+    otherwise."""
+    values = np.unique(np.asarray(label))
+    bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"{source}: label values must be integers in 0..{num_classes - 1}, found {bad[:5]}.")
+    return np.rint(label).astype(np.uint8)
+
+
+def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
+    """Save a NIfTI under a temporary name in the target folder, then rename it to ``path``."""
+    import nibabel as nib
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp_" + os.path.basename(path))
+    nib.save(nib.Nifti1Image(array, affine), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def write_json_atomic(path: str, content: object) -> None:

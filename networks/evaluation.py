@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import tempfile
 from typing import Sequence
 
@@ -79,8 +80,9 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def summary_markdown(summary: dict[str, dict[str, float]], title: str) -> str:
-    lines = [f"# {title}", "", PROTOCOL, "", "| organ | Dice | HD95 (voxels) | HD95 (mm) |", "| --- | --- | --- | --- |"]
+def summary_markdown(summary: dict[str, dict[str, float]], title: str, level: int = 1, protocol: bool = True) -> str:
+    lines = ["#" * level + f" {title}", "", *([PROTOCOL, ""] if protocol else []),
+             "| organ | Dice | HD95 (voxels) | HD95 (mm) |", "| --- | --- | --- | --- |"]
     for organ, values in summary.items():
         lines.append(f"| {organ} | {values['dice']:.4f} | {values['hd95_voxels']:.2f} | {values['hd95_mm']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -90,13 +92,17 @@ class SegmentationReport:
     """MONAI/ignite handler: per-case, per-organ metrics into ``metrics.csv`` and ``summary.md`` in ``output_dir``.
 
     Expects the evaluator's output items to hold ``pred`` and ``label`` label maps on the same (original) grid, as
-    produced by inverting the preprocessing.
+    produced by inverting the preprocessing. With ``group_pattern`` (a regular expression whose first group picks a
+    part of the case's file name, e.g. ``_(ED|ES)\b`` for the cardiac phase), ``summary.md`` also holds one table per
+    group.
     """
 
-    def __init__(self, output_dir: str, labels: dict, title: str = "Segmentation evaluation") -> None:
+    def __init__(self, output_dir: str, labels: dict, title: str = "Segmentation evaluation",
+                 group_pattern: str | None = None) -> None:
         self.output_dir = output_dir
         self.labels = {int(k): v for k, v in labels.items()}
         self.title = title
+        self.group_pattern = re.compile(group_pattern) if group_pattern else None
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -114,6 +120,17 @@ class SegmentationReport:
             for row in case_metrics(_labels(pred), _labels(label), self.labels, spacing):
                 self.rows.append({"case": case, **row})
 
+    def groups(self) -> dict[str, list[dict]]:
+        """The rows by the group that ``group_pattern`` finds in their case name (cases without a match are left
+        out)."""
+        groups: dict[str, list[dict]] = {}
+        if self.group_pattern is not None:
+            for row in self.rows:
+                found = self.group_pattern.search(row["case"])
+                if found:
+                    groups.setdefault(found.group(1), []).append(row)
+        return dict(sorted(groups.items()))
+
     def write(self, engine=None) -> dict:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["case", "organ", "gt_present", "dice", "hd95_voxels", "hd95_mm"])
@@ -121,7 +138,11 @@ class SegmentationReport:
         writer.writerows(self.rows)
         _write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
         summary = summarise(self.rows)
-        _write_atomic(os.path.join(self.output_dir, "summary.md"), summary_markdown(summary, self.title))
+        text = summary_markdown(summary, self.title)
+        for group, rows in self.groups().items():
+            cases = len({row["case"] for row in rows})
+            text += "\n" + summary_markdown(summarise(rows), f"{group} ({cases} cases)", level=2, protocol=False)
+        _write_atomic(os.path.join(self.output_dir, "summary.md"), text)
         if engine is not None:
             engine.state.metrics["mean_dice"] = summary.get("mean", {}).get("dice", 0.0)
         return summary

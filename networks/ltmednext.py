@@ -149,11 +149,11 @@ class LTMedNeXtEncoder(nn.Module):
 class _DecoderLevel(nn.Module):
     """Upsample and project the deeper map, concatenate the skip, fuse with a 1x1 conv, refine with one block."""
 
-    def __init__(self, deep_channels: int, channels: int, norm: str) -> None:
+    def __init__(self, deep_channels: int, channels: int, norm: str, layer_scale_init: float = 1e-6) -> None:
         super().__init__()
         self.project = nn.Conv2d(deep_channels, channels, 1)
         self.fuse = nn.Conv2d(2 * channels, channels, 1)
-        self.block = LTMedNeXtBlock(channels, norm=norm)
+        self.block = LTMedNeXtBlock(channels, norm=norm, layer_scale_init=layer_scale_init)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         deep = F.interpolate(self.project(deep), size=[skip.shape[-2], skip.shape[-1]], mode="bilinear",
@@ -184,6 +184,12 @@ class LTMedNeXt(nn.Module):
         size: "T", "S" or "B" (widths 32/48/64 times 1, 2, 4, 8; depths (2,2,4,2), (2,2,6,2), (2,2,8,2)).
         norm: "batch" (default) or "layer" normalisation inside the blocks.
         drop_path: largest stochastic depth rate (linearly increasing over the encoder blocks).
+        layer_scale_init: initial value of the per-channel layer scales ``g1``, ``g2`` of every block (the spec's
+            1e-6 by default, as ConvNeXt; a larger value such as 0.1 lets the attention and FFN branches contribute
+            from the first step, see the ACDC bundle's docs for the measured effect).
+        full_resolution_skip: an option outside the spec (default off): a 3x3 convolution block on the input at full
+            resolution, concatenated with the head's upsampled features and fused by a 3x3 block before the 1x1
+            classifier, because the spec's decoder has no skip finer than 1/4 (see the ACDC bundle's docs).
 
     Shapes:
         input ``(B, in_channels, H, W)``; output ``(B, out_channels, H, W)``. Sizes that are not multiples of 32
@@ -193,7 +199,8 @@ class LTMedNeXt(nn.Module):
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 9, size: str = "S",
-                 norm: str = "batch", drop_path: float = 0.0) -> None:
+                 norm: str = "batch", drop_path: float = 0.0, layer_scale_init: float = 1e-6,
+                 full_resolution_skip: bool = False) -> None:
         super().__init__()
         if spatial_dims != 2:
             raise ValueError(f"LTMedNeXt: only spatial_dims=2 is supported, got {spatial_dims}.")
@@ -201,16 +208,26 @@ class LTMedNeXt(nn.Module):
         widths, depths = LTMEDNEXT_SIZES[size]
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path)
-        self.decoder = nn.ModuleList([_DecoderLevel(widths[i + 1], widths[i], norm) for i in (2, 1, 0)])
+        self.encoder = LTMedNeXtEncoder(in_channels, widths, depths, norm, drop_path, layer_scale_init=layer_scale_init)
+        self.decoder = nn.ModuleList([_DecoderLevel(widths[i + 1], widths[i], norm, layer_scale_init)
+                                      for i in (2, 1, 0)])
         half = widths[0] // 2
+        self.full_resolution_skip = full_resolution_skip
         self.head = nn.Sequential(
             nn.ConvTranspose2d(widths[0], half, 2, stride=2),
             _norm(norm, half),
             nn.GELU(),
             nn.ConvTranspose2d(half, half, 2, stride=2),
-            nn.Conv2d(half, out_channels, 1),
+            nn.Identity() if full_resolution_skip else nn.Conv2d(half, out_channels, 1),
         )
+        # option (not in the spec): a full-resolution branch from the input, fused before the classifier
+        self.full_resolution: nn.Module = nn.Identity()
+        self.classifier: nn.Module = nn.Identity()
+        if full_resolution_skip:
+            self.full_resolution = nn.Sequential(nn.Conv2d(in_channels, half, 3, padding=1), _norm(norm, half),
+                                                 nn.GELU())
+            self.classifier = nn.Sequential(nn.Conv2d(2 * half, half, 3, padding=1), _norm(norm, half), nn.GELU(),
+                                            nn.Conv2d(half, out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_rank(x, "LTMedNeXt")
@@ -219,7 +236,10 @@ class LTMedNeXt(nn.Module):
         y = features[3]
         for level, decoder_level in enumerate(self.decoder):
             y = decoder_level(y, features[2 - level])
-        return self.head(y)[..., :height, :width]
+        y = self.head(y)
+        if self.full_resolution_skip:
+            y = self.classifier(torch.cat([y, self.full_resolution(x)], 1))
+        return y[..., :height, :width]
 
 
 class LTMedNeXtClassifier(nn.Module):

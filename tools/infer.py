@@ -242,6 +242,9 @@ def check_volume(image, source: str) -> None:
     import torch
 
     spatial = tuple(image.shape[-3:]) if image.ndim >= 3 else tuple(image.shape)
+    if image.ndim == 4 and image.shape[-1] > 1:
+        raise ValueError(f"{source}: expected a 3D volume, got a 4D volume of shape {tuple(image.shape)} (e.g. a cine "
+                         f"series with one frame per phase); segment one 3D frame at a time.")
     if image.ndim != 3 or min(spatial) < 1:
         raise ValueError(f"{source}: expected a 3D volume, got an array of shape {tuple(image.shape)}.")
     if not torch.isfinite(torch.as_tensor(image)).all():
@@ -289,8 +292,7 @@ def _check_dicom_positions(case: Case) -> tuple[int, ...]:
     if len(steps):
         spacing = float(np.median(steps))
         if steps.min() < 1e-3 * max(spacing, 1e-3):
-            raise ValueError(f"{case.input}: two slices share one position; the series holds duplicates or several "
-                             f"acquisitions (split it into one folder per volume).")
+            raise ValueError(_duplicate_positions_message(case))
         gaps = np.flatnonzero(steps > 1.5 * spacing)
         if len(gaps):
             i = int(gaps[0])
@@ -298,6 +300,22 @@ def _check_dicom_positions(case: Case) -> tuple[int, ...]:
                              f"{positions[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); a slice file is missing "
                              f"or unreadable.")
     return (*shape, len(positions))
+
+
+def _duplicate_positions_message(case: Case) -> str:
+    """Why a series with repeated slice positions is refused: a multi-phase cine series, or duplicates."""
+    from tools.split_cine_phases import cine_phases
+
+    try:
+        phases = cine_phases(case.input, case.series_uid)
+    except ValueError:
+        phases = []
+    if len(phases) > 1:
+        return (f"{case.input}: a multi-phase (cine) series, {len(phases)} phases x {len(phases[0])} slice positions; "
+                f"segment one phase at a time: python tools/split_cine_phases.py {case.input} PHASES_DIR "
+                f"[--phases '[ED, ES]'] writes one folder per phase, then run on PHASES_DIR.")
+    return (f"{case.input}: two slices share one position; the series holds duplicates or several acquisitions "
+            f"(split it into one folder per volume).")
 
 
 def volume_warning(image) -> str:

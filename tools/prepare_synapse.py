@@ -26,7 +26,7 @@ import fire
 import nibabel as nib
 import numpy as np
 
-from networks.data import btcv_to_synapse, write_datalist
+from networks.data import btcv_to_synapse, write_datalist, write_nifti_atomic as _save
 
 # TransUNet's split of the 30 BTCV training scans (Beckschen/TransUNet lists/lists_Synapse)
 TRANSUNET_TRAIN = (5, 6, 7, 9, 10, 21, 23, 24, 26, 27, 28, 30, 31, 33, 34, 37, 39, 40)
@@ -34,14 +34,6 @@ TRANSUNET_TEST = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)
 # validation cases held out of the 18 training cases for the shipped weights (all 8 organs labelled in each)
 DEFAULT_VALIDATION = (6, 24, 31, 39)
 HU_MIN, HU_MAX = -125.0, 275.0
-
-
-def _save(array: np.ndarray, affine: np.ndarray, path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
-    nib.save(nib.Nifti1Image(array, affine), tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _unit_to_hu(image: np.ndarray) -> np.ndarray:
