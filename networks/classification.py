@@ -21,12 +21,13 @@ import io
 import math
 import os
 import random
-import tempfile
 from collections import Counter, defaultdict
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from networks.data import write_atomic
 
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
            "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
@@ -351,20 +352,6 @@ class ClassificationMetric(_IgniteMetric):
 
 
 # ----------------------------------------------------------------------------------------------------------- reports
-def _write_atomic(path: str, data: str | bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else
-                                                                            {"newline": ""})) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str,
                          title: str = "Confusion matrix") -> None:
     """Draw ``matrix`` (rows: true, columns: predicted) as a PNG: counts and row percentages in cells shaded by the
@@ -405,7 +392,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[
                           fill=colour, font=font)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def _fmt(value: float) -> str:
@@ -465,13 +452,13 @@ class ClassificationReport:
         writer.writerows([(k, _fmt(v)) for k, v in lines])
         writer.writerow(["n", result["n"]])
         writer.writerows([(f"support_{n}", v["support"]) for n, v in zip(self.class_names, result["per_class"])])
-        _write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
+        write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
 
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["true \\ predicted", *self.class_names])
         writer.writerows([[name, *row] for name, row in zip(self.class_names, result["confusion_matrix"])])
-        _write_atomic(os.path.join(self.output_dir, "confusion_matrix.csv"), buffer.getvalue())
+        write_atomic(os.path.join(self.output_dir, "confusion_matrix.csv"), buffer.getvalue())
         confusion_matrix_png(result["confusion_matrix"], self.class_names,
                              os.path.join(self.output_dir, "confusion_matrix.png"),
                              f"{self.title} (n={result['n']}, accuracy {result['accuracy']:.3f})")
@@ -483,7 +470,7 @@ class ClassificationReport:
             p = row["probabilities"]
             writer.writerow([row["image"], self.class_names[row["label"]], self.class_names[int(p.argmax())],
                              *(f"{v:.6f}" for v in p)])
-        _write_atomic(os.path.join(self.output_dir, "predictions.csv"), buffer.getvalue())
+        write_atomic(os.path.join(self.output_dir, "predictions.csv"), buffer.getvalue())
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in lines[:4]})
         return result

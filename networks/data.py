@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
-           "write_json_atomic", "write_nifti_atomic", "write_datalist", "load_datalist"]
+           "write_atomic", "write_json_atomic", "write_nifti_atomic", "write_datalist", "load_datalist"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)
 SYNAPSE_ORGANS = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
@@ -57,19 +57,27 @@ def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
     return path
 
 
-def write_json_atomic(path: str, content: object) -> None:
-    """Write JSON under a temporary name in the target folder, then rename: never a half-written file."""
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Write text or bytes under a temporary name in the target folder, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
     try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(content, f, indent=2)
+        if isinstance(data, bytes):
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+        else:
+            with os.fdopen(handle, "w", newline="") as f:
+                f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_json_atomic(path: str, content: object) -> None:
+    """Write JSON atomically (see ``write_atomic``)."""
+    write_atomic(path, json.dumps(content, indent=2))
 
 
 def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dict] = (),

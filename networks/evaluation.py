@@ -6,11 +6,12 @@ import csv
 import io
 import os
 import re
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from networks.data import write_atomic
 
 __all__ = ["dice", "hd95", "case_metrics", "summarise", "SegmentationReport", "PROTOCOL"]
 
@@ -71,15 +72,6 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    with os.fdopen(handle, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def summary_markdown(summary: dict[str, dict[str, float]], title: str, level: int = 1, protocol: bool = True) -> str:
     lines = ["#" * level + f" {title}", "", *([PROTOCOL, ""] if protocol else []),
              "| organ | Dice | HD95 (voxels) | HD95 (mm) |", "| --- | --- | --- | --- |"]
@@ -136,13 +128,13 @@ class SegmentationReport:
         writer = csv.DictWriter(buffer, fieldnames=["case", "organ", "gt_present", "dice", "hd95_voxels", "hd95_mm"])
         writer.writeheader()
         writer.writerows(self.rows)
-        _write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
+        write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
         summary = summarise(self.rows)
         text = summary_markdown(summary, self.title)
         for group, rows in self.groups().items():
             cases = len({row["case"] for row in rows})
             text += "\n" + summary_markdown(summarise(rows), f"{group} ({cases} cases)", level=2, protocol=False)
-        _write_atomic(os.path.join(self.output_dir, "summary.md"), text)
+        write_atomic(os.path.join(self.output_dir, "summary.md"), text)
         if engine is not None:
             engine.state.metrics["mean_dice"] = summary.get("mean", {}).get("dice", 0.0)
         return summary

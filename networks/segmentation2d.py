@@ -28,6 +28,7 @@ import torch
 from monai.transforms import MapTransform, Transform
 
 from networks.classification import LoadImage2Dd, grouped_stratified_split
+from networks.data import write_atomic
 
 __all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
            "split_cases", "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png",
@@ -187,19 +188,6 @@ def summarise_metrics(rows: Sequence[dict]) -> dict[str, float]:
     return {**summary, "images": len(kept), "empty_gt_images": len(rows) - len(kept)}
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(handle, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _array(tensor) -> np.ndarray:
     array = np.asarray(tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor)
     return array[0] if array.ndim == 3 else array
@@ -237,9 +225,9 @@ class BinarySegmentationReport:
         writer = csv.DictWriter(buffer, fieldnames=["case", "gt_pixels", "pred_pixels", *METRICS])
         writer.writeheader()
         writer.writerows({**r, **{m: f"{r[m]:.6f}" for m in METRICS}} for r in self.rows)
-        _write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
+        write_atomic(os.path.join(self.output_dir, "metrics.csv"), buffer.getvalue())
         summary = summarise_metrics(self.rows)
-        _write_atomic(os.path.join(self.output_dir, "summary.json"), json.dumps(summary, indent=2))
+        write_atomic(os.path.join(self.output_dir, "summary.json"), json.dumps(summary, indent=2))
         if engine is not None:
             engine.state.metrics.update({f"test_{m}": summary[m] for m in METRICS})
         return summary
