@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.infer import TMP_PREFIX, OnnxNetwork, Result, UsageError, check_output_dir, write_summary
+from tools.infer import TMP_PREFIX, Result, UsageError, check_output_dir, load_network, write_summary
 
 CLASSIFICATION_FORMATS = ("classes", "classification")
 PREDICTIONS = "predictions.csv"
@@ -91,8 +91,6 @@ class ClassifierRunner:
         import torch
         from monai.bundle import ConfigParser
 
-        from tools.infer import ENGINES
-
         config_file = os.path.join(bundle_dir, "configs", "inference.json")
         meta_file = os.path.join(bundle_dir, "configs", "metadata.json")
         weights = weights or os.path.join(bundle_dir, "models", "model.pt")
@@ -111,20 +109,8 @@ class ClassifierRunner:
         if not self.class_names or len(self.class_names) != int(pred.get("num_channels", -1)):
             raise UsageError(f"{meta_file}: outputs#pred#channel_def must name each of the "
                              f"{pred.get('num_channels')} classes, found {channel_def}.")
-        parser["bundle_root"] = bundle_dir
-        parser["device"] = f"$torch.device('{device}')"
         self.device = torch.device(device)
-        self.network = parser.get_parsed_content("network")
-        state = torch.load(weights, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        self.network.eval()
-        self.engine = engine or parser.get("engine", "torch")
-        if self.engine not in ENGINES:
-            raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}.")
-        if self.engine == "onnx":
-            size = parser.get_parsed_content("image_size")
-            channels = int(parser.get("_meta_#network_data_format#inputs#image#num_channels", 3))
-            self.network = OnnxNetwork(self.network, (channels, *size))
+        self.network, self.engine = load_network(parser, bundle_dir, weights, device, engine, "image_size", 3)
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")

@@ -160,20 +160,8 @@ class BundleRunner:
             self.labels = {}
         self.name = os.path.basename(os.path.abspath(bundle_dir))
         self.version = str(parser.get("_meta_#version", "0"))
-        parser["bundle_root"] = bundle_dir
-        parser["device"] = f"$torch.device('{device}')"
         self.device = torch.device(device)
-        self.network = parser.get_parsed_content("network")
-        state = torch.load(weights, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        self.network.eval()
-        self.engine = engine or parser.get("engine", "torch")
-        if self.engine not in ENGINES:
-            raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}.")
-        if self.engine == "onnx":
-            roi = parser.get_parsed_content("roi_size")
-            channels = int(parser.get("_meta_#network_data_format#inputs#image#num_channels", 1))
-            self.network = OnnxNetwork(self.network, (channels, *roi))
+        self.network, self.engine = load_network(parser, bundle_dir, weights, device, engine, "roi_size", 1)
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         post = parser.get_parsed_content("postprocessing")
@@ -235,6 +223,28 @@ class OnnxNetwork:
         import torch
 
         return torch.from_numpy(self.session.run(None, {"image": batch.detach().cpu().float().numpy()})[0])
+
+
+def load_network(parser, bundle_dir: str, weights: str, device: str, engine: str | None, input_size_id: str,
+                 default_channels: int):
+    """The bundle's ``network`` with ``weights`` loaded, in eval mode, wrapped for ONNX Runtime when the engine (the
+    argument, else the config's ``engine``, else torch) is onnx; returns ``(network, engine)``."""
+    import torch
+
+    parser["bundle_root"] = bundle_dir
+    parser["device"] = f"$torch.device('{device}')"
+    network = parser.get_parsed_content("network")
+    state = torch.load(weights, map_location=torch.device(device), weights_only=True)
+    network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    network.eval()
+    engine = engine or parser.get("engine", "torch")
+    if engine not in ENGINES:
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    if engine == "onnx":
+        size = parser.get_parsed_content(input_size_id)
+        channels = int(parser.get("_meta_#network_data_format#inputs#image#num_channels", default_channels))
+        network = OnnxNetwork(network, (channels, *size))
+    return network, engine
 
 
 def check_volume(image, source: str) -> None:
