@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.layers import ChannelLayerNorm, check_input_rank, is_exporting, pad_to_multiple
+from networks.layers import ChannelLayerNorm, check_input_rank, is_exporting, pad_to_multiple, to_channels_last
 
 __all__ = ["LTMedNeXtBlock", "LTMedNeXtEncoder", "LTMedNeXt", "LTMedNeXtClassifier", "LTMEDNEXT_SIZES"]
 
@@ -138,7 +138,7 @@ class LTMedNeXtEncoder(nn.Module):
             block_index += depth
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
+        x = self.stem(to_channels_last(x))
         features: list[torch.Tensor] = []
         for stage in self.stages:
             x = stage(x)
