@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 __all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
-           "write_atomic", "write_json_atomic", "write_nifti_atomic", "write_datalist", "load_datalist"]
+           "write_atomic", "write_json_atomic", "write_nifti_atomic", "write_png_atomic", "write_datalist",
+           "load_datalist", "TMP_PREFIX"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)
 SYNAPSE_ORGANS = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
@@ -45,34 +46,52 @@ def check_labels(label: np.ndarray, num_classes: int, source: str) -> np.ndarray
     return np.rint(label).astype(np.uint8)
 
 
-def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
-    """Save a NIfTI under a temporary name in the target folder, then rename it to ``path``."""
-    import nibabel as nib
+TMP_PREFIX = ".tmp_"  # files being written; tools/infer.py removes leftovers of a killed run from OUTPUT_DIR
 
+
+def _write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """``write(tmp)`` to a fresh temporary file in the target folder, then rename it to ``path``: never a
+    half-written file under ``path``, and the temporary file is removed if ``write`` fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp_" + os.path.basename(path))
-    nib.save(nib.Nifti1Image(array, affine), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write text or bytes under a temporary name in the target folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=suffix)
+    os.close(handle)
     try:
-        if isinstance(data, bytes):
-            with os.fdopen(handle, "wb") as f:
-                f.write(data)
-        else:
-            with os.fdopen(handle, "w", newline="") as f:
-                f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes atomically (see ``_write_atomic``)."""
+
+    def write(tmp: str) -> None:
+        if isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                f.write(data)
+
+    _write_atomic(path, write)
+
+
+def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
+    """Save a NIfTI atomically (the temporary name keeps ``.nii.gz`` / ``.nii`` so nibabel compresses alike)."""
+    import nibabel as nib
+
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    _write_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(array, affine), tmp), suffix)
+    return path
+
+
+def write_png_atomic(array: np.ndarray, path: str) -> None:
+    """Save a 2D (grey) or 3D (RGB) uint8 array as a PNG atomically."""
+    from PIL import Image
+
+    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), ".png")
 
 
 def write_json_atomic(path: str, content: object) -> None:

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from monai.transforms import MapTransform, Transform
 
 from networks.classification import LoadImage2Dd, grouped_stratified_split
-from networks.data import write_atomic
+from networks.data import write_atomic, write_png_atomic
 
 __all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
            "split_cases", "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png",
@@ -236,22 +235,11 @@ class BinarySegmentationReport:
 
 def save_mask_png(mask, path: str) -> None:
     """Write a binary mask ``(H, W)`` or ``(1, H, W)`` as an 8-bit PNG of 0/1 (temporary name, then renamed)."""
-    from PIL import Image
-
     array = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask)
     array = array[0] if array.ndim == 3 else array
     if array.ndim != 2:
         raise ValueError(f"{path}: a 2D mask is expected, got shape {array.shape}.")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    os.close(handle)
-    try:
-        Image.fromarray((array > 0).astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_png_atomic((array > 0).astype(np.uint8), path)
 
 
 class SaveMask2Dd(MapTransform):

@@ -26,13 +26,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from tools.infer import TMP_PREFIX, Result, UsageError, check_output_dir, load_network, write_summary
+from tools.infer import Result, UsageError, check_output_dir, load_network, write_summary
 
 CLASSIFICATION_FORMATS = ("classes", "classification")
 PREDICTIONS = "predictions.csv"
@@ -166,14 +165,9 @@ def write_predictions(path: str, rows: list[dict], class_names: list[str]) -> No
     writer = csv.DictWriter(buffer, fieldnames=["case", "input", "prediction", *(f"p_{c}" for c in class_names)])
     writer.writeheader()
     writer.writerows(rows)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from networks.data import write_atomic
+
+    write_atomic(path, buffer.getvalue())
 
 
 def _message(error: Exception, path: str) -> str:

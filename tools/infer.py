@@ -45,7 +45,7 @@ import fire
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-TMP_PREFIX = ".tmp_"  # files being written; a run removes leftovers of a killed run from OUTPUT_DIR
+TMP_PREFIX = ".tmp_"  # networks.data.TMP_PREFIX (not imported here: networks loads torch); a run removes leftovers
 ENGINES = ("torch", "onnx")
 MAX_VOLUME_BYTES = 4 * 2**30  # a volume larger than this as float32 is refused before it is read
 SUMMARY_FIELDS = ("case", "input", "status", "output", "seconds", "message")
@@ -336,20 +336,12 @@ def volume_warning(image) -> str:
 
 def save_label(label, output_path: str) -> None:
     """Write a uint8 label NIfTI with the label's affine, under a temporary name first."""
-    import nibabel as nib
+    from networks.data import write_nifti_atomic
 
     array = np.asarray(label.detach().cpu().numpy() if hasattr(label, "detach") else label)
     array = array[0] if array.ndim == 4 else array
     affine = np.asarray(label.affine, dtype=np.float64) if hasattr(label, "affine") else np.eye(4)
-    folder = os.path.dirname(output_path)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=".nii.gz")
-    os.close(handle)
-    try:
-        nib.save(nib.Nifti1Image(array.astype(np.uint8), affine), tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_nifti_atomic(array.astype(np.uint8), affine, output_path)
 
 
 def label_volumes_ml(label, names: dict[int, str]) -> dict[str, float]:
@@ -369,12 +361,10 @@ def write_summary(output_dir: str, results: list[Result]) -> None:
     writer.writeheader()
     for r in results:
         writer.writerow({**asdict(r), "seconds": f"{r.seconds:.2f}", **{f"{n}_ml": v for n, v in r.volumes_ml.items()}})
-    for name, text in (("summary.csv", buffer.getvalue()),
-                       ("summary.json", json.dumps([asdict(r) for r in results], indent=2))):
-        handle, tmp = tempfile.mkstemp(dir=output_dir, prefix=TMP_PREFIX)
-        with os.fdopen(handle, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(output_dir, name))
+    from networks.data import write_atomic
+
+    write_atomic(os.path.join(output_dir, "summary.csv"), buffer.getvalue())
+    write_atomic(os.path.join(output_dir, "summary.json"), json.dumps([asdict(r) for r in results], indent=2))
 
 
 def check_output_dir(output_dir: str) -> None:

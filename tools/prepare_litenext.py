@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from typing import Callable, Iterable, Sequence
 
 import fire
@@ -48,25 +47,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks.classification import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
-from networks.data import write_datalist  # noqa: E402
+from networks.data import write_datalist, write_png_atomic  # noqa: E402
 from networks.segmentation2d import read_mask, split_cases  # noqa: E402
 
 log = logging.getLogger("prepare_litenext")
-
-
-def _save_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _walk(root: str) -> list[str]:
@@ -110,8 +94,8 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
                         raise ValueError(f"{path}: mask size {part.shape[::-1]} differs from image {pair['image']} "
                                          f"{mask.shape[::-1]} (width x height).")
                     mask |= part
-            _save_png(image, image_path)
-            _save_png(mask.astype(np.uint8), mask_path)
+            write_png_atomic(image, image_path)
+            write_png_atomic(mask.astype(np.uint8), mask_path)
         except Exception as e:  # one bad case is reported and skipped
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.error("skipped %s: %s", pair["case"], message)
