@@ -88,11 +88,11 @@ def test_exported_bundle_runs_without_the_repository(bundle, clean_python, tmp_p
     assert float((label == np.asarray(outputs["torchscript"].dataobj)).mean()) >= 0.999
 
 
-def _run_both_engines(clean_python, root, image, tmp_path, transforms_from_networks: bool = False) -> None:
+def _run_both_engines(clean_python, root, image, tmp_path) -> None:
     """Run the unzipped bundle on ``image`` in the clean Python, TorchScript first, then network_def + model.pt, and
-    check where ``networks`` came from: nowhere before; with TorchScript nowhere either (the volume bundles' pre- and
-    post-processing are MONAI's) or, with ``transforms_from_networks`` (the 2D bundles read and write images with
-    networks' transforms), the bundle's copy. Outputs go to ``tmp_path/<engine>``."""
+    check where ``networks`` came from: nowhere before, then the bundle's copy with either config (with TorchScript
+    for the transforms only: the volume bundles' ArgmaxLabelsd, the 2D bundles' image reading and writing). Outputs
+    go to ``tmp_path/<engine>``."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
     configs = {"torchscript": ["inference.json", "inference_torchscript.json"], "network_def": ["inference.json"]}
@@ -107,8 +107,7 @@ def _run_both_engines(clean_python, root, image, tmp_path, transforms_from_netwo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     imported_from = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("NETWORKS_FROM"))
     copy = os.path.join(root, "networks", "__init__.py")
-    assert imported_from == {"before": "None", "torchscript": copy if transforms_from_networks else "None",
-                             "network_def": copy}
+    assert imported_from == {"before": "None", "torchscript": copy, "network_def": copy}
 
 
 def test_exported_2d_segmentation_bundle_runs_without_the_repository(clean_python, tmp_path):
@@ -117,7 +116,7 @@ def test_exported_2d_segmentation_bundle_runs_without_the_repository(clean_pytho
     image = sorted(glob.glob(os.path.join(shared_data("dsb2018", "images"), "*.png")))[0]
     root = _unzip(exported(bundle), tmp_path / "unzipped")
     assert os.path.isfile(os.path.join(root, "networks", "litenext.py"))
-    _run_both_engines(clean_python, root, image, tmp_path, transforms_from_networks=True)
+    _run_both_engines(clean_python, root, image, tmp_path)
     masks = {}
     for engine in ("torchscript", "network_def"):
         written = os.listdir(tmp_path / engine)
@@ -135,7 +134,7 @@ def test_exported_classifier_runs_without_the_repository(clean_python, tmp_path)
     bundle = os.path.join(BUNDLES, "monkeypox_ltmednext_classification")
     image = sorted(glob.glob(os.path.join(shared_data("monkeypox", "Monkey Pox"), "*.jpg")))[0]
     root = _unzip(exported(bundle), tmp_path / "unzipped")
-    _run_both_engines(clean_python, root, image, tmp_path, transforms_from_networks=True)
+    _run_both_engines(clean_python, root, image, tmp_path)
     probabilities = {}
     for engine in ("torchscript", "network_def"):
         with open(tmp_path / engine / "predictions.csv") as f:

@@ -84,6 +84,23 @@ def test_ltmednext_merged_spatial_encoding_equals_three_branches():
         torch.testing.assert_close(block._spatial_encoding(x), three_branches, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_ltmednext_channels_last_same_values(in_channels, monkeypatch):
+    """The encoder switches to channels-last memory (also for one input channel, where ``contiguous`` would not);
+    the values equal the NCHW computation."""
+    import networks.ltmednext as ltmednext
+
+    model = _randomise(LTMedNeXt(2, in_channels, 4, "T"))
+    x = torch.randn(2, in_channels, 64, 64)
+    with torch.no_grad():
+        features = model.encoder(x)
+        out = model(x)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f in features)
+        monkeypatch.setattr(ltmednext, "to_channels_last", lambda t: t)
+        assert model.encoder(x)[0].is_contiguous()
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("net,shape", [(lambda: LiteNeXt(base_channels=8), (2, 3, 32, 32)),
                                        (lambda: LTMedNeXt(2, 1, 3, "T"), (2, 1, 64, 64)),
                                        (lambda: LTMedNeXtClassifier(3, 2, "T"), (2, 3, 64, 64))])
