@@ -51,7 +51,7 @@ def test_benchmark_writes_markdown_table(tmp_path: Path) -> None:
     assert table[0] in completed.stdout  # the table is printed too
 
 
-def test_unknown_network_is_rejected() -> None:
+def _benchmark_module():
     spec = importlib.util.spec_from_file_location("benchmark_under_test", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -60,8 +60,23 @@ def test_unknown_network_is_rejected() -> None:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+def test_unknown_network_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown networks"):
-        module.main(networks="litenext,no_such_net")
+        _benchmark_module().main(networks="litenext,no_such_net")
+
+
+def test_inference_is_timed_in_interleaved_rounds() -> None:
+    module = _benchmark_module()
+    calls: list[str] = []
+    steps = {(name, "224"): (lambda name=name: calls.append(name)) for name in ("litenext", "unet", "segresnet")}
+    rates = module.interleaved_rates(steps, batch=8, repeats=3)
+    warmup = 3 * module.WARMUP
+    assert calls[:warmup] == sorted(calls[:warmup], key=["litenext", "unet", "segresnet"].index)
+    assert calls[warmup:] == ["litenext", "unet", "segresnet"] * 3
+    assert set(rates) == set(steps) and all(rate > 0 for rate in rates.values())
 
 
 def test_pipeline_benchmark_writes_table(tmp_path: Path) -> None:

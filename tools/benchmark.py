@@ -49,6 +49,7 @@ from monai.networks.nets.mednext import create_mednext
 from ptflops import get_model_complexity_info
 
 from networks import LiteNeXt, LTMedNeXt
+from networks.data import write_atomic
 
 T = TypeVar("T")
 
@@ -151,10 +152,33 @@ def count_gmacs(model: nn.Module, size: int) -> float:
     return float(macs) / 1e9
 
 
-def inference_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
+def inference_step(model: nn.Module, batch: int, size: int) -> Callable[[], object]:
+    """One eager inference call on a batch of random images (timed later, interleaved with the other networks)."""
     images = _images(batch, size)
-    with torch.inference_mode():
-        return _median_rate(lambda: model(images), batch, repeats)
+
+    def step() -> object:
+        with torch.inference_mode():
+            return model(images)
+
+    return step
+
+
+def interleaved_rates(steps: dict[tuple[str, str], Callable[[], object]], batch: int,
+                      repeats: int) -> dict[tuple[str, str], float]:
+    """Slices per second of every step: ``WARMUP`` untimed calls each, then ``repeats`` rounds that call every step
+    once in turn; the median time per step. Interleaving puts each network's timings in the same stretches of time
+    as the reference's: on a shared (virtual) machine whose speed drifts over minutes, timing one network after
+    another moved the LiteNeXt/UNet ratio between 0.8 and 1.2 from run to run."""
+    for step in steps.values():
+        for _ in range(WARMUP):
+            step()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    return {key: batch / statistics.median(values) for key, values in times.items()}
 
 
 def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
@@ -203,8 +227,9 @@ def peak_rss_mib(name: str, batch: int, size: int, threads: int) -> float:
         return pool.apply(_peak_rss_increase_mib, (name, batch, size, threads))
 
 
-def onnx_rate(model: nn.Module, batch: int, size: int, threads: int, repeats: int, path: str) -> tuple[float, float]:
-    """Export with a dynamic batch axis (traced at batch 1), run at ``batch``: slices/s and max |ORT - torch|."""
+def onnx_step(model: nn.Module, batch: int, size: int, threads: int, path: str) -> tuple[Callable[[], object], float]:
+    """Export with a dynamic batch axis (traced at batch 1), run at ``batch``: the ONNX Runtime call (timed later)
+    and max |ORT - torch|."""
     images = _images(batch, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,7 +243,7 @@ def onnx_rate(model: nn.Module, batch: int, size: int, threads: int, repeats: in
     with torch.inference_mode():
         expected = model(images).numpy()
     error = float(np.abs(session.run(None, feed)[0] - expected).max())
-    return _median_rate(lambda: session.run(None, feed), batch, repeats), error
+    return lambda: session.run(None, feed), error
 
 
 def _failure_reason(error: Exception) -> str:
@@ -244,30 +269,50 @@ def _runs(model: nn.Module, sizes: list[int]) -> bool:
     return True
 
 
-def measure(name: str, settings: Settings, folder: str) -> Result:
-    """All measurements of one network; a network that cannot run (e.g. a missing optional dependency), or a
-    measurement that fails (ptflops, ONNX export), is recorded in ``failures`` instead of stopping the run."""
+def measure(name: str, settings: Settings, folder: str) -> tuple[Result, dict[str, Callable[[], object]]]:
+    """All measurements of one network but the inference throughputs, and the inference calls to time (keys
+    ``"224"``, ... and ``"onnx"``; see ``interleaved_rates``). A network that cannot run (e.g. a missing optional
+    dependency), or a measurement that fails (ptflops, ONNX export), is recorded in ``failures`` instead of stopping
+    the run."""
     size, batch, repeats = settings.size, settings.batch, settings.repeats
     model = build(name)
     result = Result(name=name, parameters=sum(p.numel() for p in model.parameters()))
+    steps: dict[str, Callable[[], object]] = {}
     _log(f"{name}: complexity")
     if _attempt(result, "network", lambda: _runs(model, settings.sizes)) is None:
-        return result
+        return result, steps
     result.gmacs = _attempt(result, "gmacs", lambda: count_gmacs(model, size))
     for s in settings.sizes:
-        _log(f"{name}: inference {s}x{s}")
-        result.inference[s] = inference_rate(model, batch, s, repeats)
+        steps[str(s)] = inference_step(model, batch, s)
     _log(f"{name}: peak memory")
     result.peak_rss_mib = peak_rss_mib(name, batch, size, settings.threads)
     if settings.onnx:
-        _log(f"{name}: ONNX Runtime")
-        rate_and_error = _attempt(result, "onnx", lambda: onnx_rate(model, batch, size, settings.threads, repeats,
+        _log(f"{name}: ONNX Runtime export")
+        step_and_error = _attempt(result, "onnx", lambda: onnx_step(model, batch, size, settings.threads,
                                                                     os.path.join(folder, f"{name}.onnx")))
-        result.onnx, result.onnx_error = rate_and_error or (None, None)
+        if step_and_error is not None:
+            steps["onnx"], result.onnx_error = step_and_error
     if settings.training:
         _log(f"{name}: training")
         result.training = training_rate(build(name), batch, size, repeats)
-    return result
+    return result, steps
+
+
+def measure_all(settings: Settings, folder: str) -> list[Result]:
+    """``measure`` every network, then time all their inference calls together (``interleaved_rates``)."""
+    results, steps = [], {}
+    for name in settings.names:
+        result, own_steps = measure(name, settings, folder)
+        results.append(result)
+        steps.update({(name, key): step for key, step in own_steps.items()})
+    _log(f"inference of every network, {settings.repeats} interleaved rounds")
+    rates = interleaved_rates(steps, settings.batch, settings.repeats)
+    for result in results:
+        for s in settings.sizes:
+            if (result.name, str(s)) in rates:
+                result.inference[s] = rates[(result.name, str(s))]
+        result.onnx = rates.get((result.name, "onnx"))
+    return results
 
 
 def _log(message: str) -> None:
@@ -353,7 +398,10 @@ def render(results: list[Result], settings: Settings) -> tuple[str, str]:
     caption = (f"Table: {IN_CHANNELS} input channels and {OUT_CHANNELS} output channel (binary logits) for every "
                f"network. GMACs counted by ptflops `get_model_complexity_info(..., backend=\"aten\")` at batch 1, "
                f"{IN_CHANNELS}x{size}x{size}. Throughputs at batch {batch}, median of {settings.repeats} timed "
-               f"repeats after {WARMUP} warm-up iterations; \"x UNet\" is the ratio to MONAI UNet in this run.")
+               f"repeats after {WARMUP} warm-up iterations; \"x UNet\" is the ratio to MONAI UNet in this run. "
+               f"Inference (eager and ONNX Runtime) is timed in {settings.repeats} rounds that run every network "
+               f"once in turn, so that all of them meet the same machine conditions; training one network after "
+               f"another.")
     notes = [
         f"Inference: `model.eval()` under `torch.inference_mode()`, random input of shape "
         f"({batch}, {IN_CHANNELS}, size, size).",
@@ -391,19 +439,6 @@ def render(results: list[Result], settings: Settings) -> tuple[str, str]:
     return "\n".join(lines) + "\n", body
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder and move it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def main(networks: str | Sequence[str] = "all", repeats: int = 5, threads: int = 2,
          sizes: str | int | Sequence[int] = "224,256", batch: int = 8, output: str | None = None,
          skip_training: bool = False, skip_onnx: bool = False) -> None:
@@ -422,10 +457,10 @@ def main(networks: str | Sequence[str] = "all", repeats: int = 5, threads: int =
         settings.notes.append(f"{NETWORKS[REFERENCE][0]} was not selected and was added as the ratio reference.")
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="litemed_benchmark_") as folder:
-        results = [measure(name, settings, folder) for name in settings.names]
+        results = measure_all(settings, folder)
     document, body = render(results, settings)
     path = Path(output) if output is not None else DEFAULT_OUTPUT
-    write_atomic(path, document)
+    write_atomic(str(path), document)
     print(body)
     _log(f"wrote {path}")
 
