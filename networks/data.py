@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from typing import Callable, Sequence
 
 import numpy as np
@@ -54,8 +54,8 @@ def _write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> 
     half-written file under ``path``, and the temporary file is removed if ``write`` fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=suffix)
-    os.close(handle)
+    # a unique name the writer creates itself (not mkstemp's 0600 file): outputs keep the umask's permissions
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
