@@ -189,7 +189,9 @@ def _wait_for(condition, driver, log, seconds=600):  # generous: only a hang sho
 
 def test_worker_killed_and_node_lost_mid_batch(cluster, ray_bundle, tmp_path):
     count = 12
-    source = _volumes(tmp_path / "in", count)
+    # 48 slices a case: long enough that workers are still busy when the test looks (with 6 slices the faster
+    # pipeline finished the whole batch between two polls)
+    source = _volumes(tmp_path / "in", count, shape=(48, 40, 48))
     assert run(str(ray_bundle), str(source), str(tmp_path / "reference")) == 0  # the in-process engine
     out, log = tmp_path / "out", tmp_path / "driver.log"
     head, (second,) = cluster.head_node, cluster.worker_nodes
