@@ -55,9 +55,10 @@ def is_exporting() -> bool:
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` with the same values in channels-last memory, so that the convolutions after it run in oneDNN's native
-    CPU layout (NHWC) and keep it: for the LTMedNeXt networks, 1.5-1.8x faster training and inference on CPU
-    than NCHW (``docs/benchmark.md``). Also for one channel, where ``x.contiguous(memory_format=...)`` leaves the
-    strides alone because the layouts coincide. Exporters get ``x`` unchanged: memory layout is not part of a graph."""
+    CPU layout (NHWC) and keep it: for the LTMedNeXt networks, 1.5-1.8x faster training and inference on CPU than
+    NCHW (measured by hand, README "Benchmarks"). Also for one channel, where ``x.contiguous(memory_format=...)``
+    leaves the strides alone because the layouts coincide. Exporters get ``x`` unchanged: memory layout is not part
+    of a graph."""
     if is_exporting():
         return x
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)

@@ -59,21 +59,26 @@ def synthetic_synapse(tmp_path):
     return root
 
 
-@pytest.fixture
-def random_weight_bundle(tmp_path):
-    """A copy of the Synapse bundle with random LTMedNeXt-T weights (pipeline tests that need no trained model)."""
+def copy_with_random_weights(source_bundle: str, bundle, out_channels: int):
+    """``bundle``: the configs of ``source_bundle`` with random LTMedNeXt-T weights (seed 0), for pipeline tests that
+    need no trained model."""
     import shutil
 
     import torch
 
     from networks import LTMedNeXt
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(os.path.join(SYNAPSE, "configs"), bundle / "configs")
+    shutil.copytree(os.path.join(source_bundle, "configs"), bundle / "configs")
     (bundle / "models").mkdir()
     torch.manual_seed(0)
-    torch.save(LTMedNeXt(2, 1, 9, "T").state_dict(), str(bundle / "models" / "model.pt"))
+    torch.save(LTMedNeXt(2, 1, out_channels, "T").state_dict(), str(bundle / "models" / "model.pt"))
     return bundle
+
+
+@pytest.fixture
+def random_weight_bundle(tmp_path):
+    """A copy of the Synapse bundle with random LTMedNeXt-T weights."""
+    return copy_with_random_weights(SYNAPSE, tmp_path / "bundle", 9)
 
 
 MONKEYPOX = os.path.join(BUNDLES, "monkeypox_ltmednext_classification")

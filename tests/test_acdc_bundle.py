@@ -3,7 +3,6 @@ inference on NIfTI and DICOM series (multi-phase cine refused, then split per ph
 
 import json
 import os
-import shutil
 import sys
 
 import h5py
@@ -11,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLES, REPO, shared_data
+from conftest import BUNDLES, REPO, copy_with_random_weights, shared_data
 
 sys.path.insert(0, REPO)
 from networks.data import ACDC_H5_SPACING, load_datalist  # noqa: E402
@@ -35,19 +34,6 @@ def make_mr_volume(shape=(40, 36, 5), scale=800.0, seed=0):
     image = np.choose(label, [0.15, 0.8, 0.35, 0.9]).astype(np.float32) * scale
     image += rng.normal(0, 0.03 * scale, shape).astype(np.float32)
     return image, label
-
-
-def _random_weight_bundle(tmp_path):
-    import torch
-
-    from networks import LTMedNeXt
-
-    bundle = tmp_path / "acdc_bundle"
-    shutil.copytree(os.path.join(ACDC, "configs"), bundle / "configs")
-    (bundle / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(LTMedNeXt(2, 1, 4, "T").state_dict(), str(bundle / "models" / "model.pt"))
-    return bundle
 
 
 def _write_mr_dicom_series(folder, volume, phases=1, spacing=(1.4, 1.4, 8.0)):
@@ -147,7 +133,7 @@ def test_normalisation_serves_raw_mri_and_unit_scaled_data_alike():
 def test_inference_on_nifti_dicom_and_cine_series(tmp_path):
     from monai.transforms import LoadImage
 
-    bundle = _random_weight_bundle(tmp_path)
+    bundle = copy_with_random_weights(ACDC, tmp_path / "acdc_bundle", 4)
     volume, _ = make_mr_volume(shape=(40, 36, 5))
     source = tmp_path / "in"
     source.mkdir()
