@@ -1,4 +1,4 @@
-"""Helpers that training configs call: finding the checkpoint to resume from."""
+"""Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -6,7 +6,29 @@ import glob
 import os
 import re
 
-__all__ = ["latest_checkpoint"]
+__all__ = ["as_bool", "latest_checkpoint"]
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def as_bool(value: bool | int | str) -> bool:
+    """A config flag as a bool, whether it came from JSON or from the command line.
+
+    ``python -m monai.bundle run ... --use_serp false`` passes the *string* ``"false"`` (fire turns only ``False``
+    into a bool), which plain Python truth would read as true. Accepted: bools, 0/1, and true/false, yes/no, on/off,
+    1/0 in any case; anything else is a ValueError naming the value.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected a true/false flag, got {value!r}")
 
 
 def latest_checkpoint(folder: str, before_epoch: int | None = None) -> str | None:

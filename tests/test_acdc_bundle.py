@@ -254,3 +254,25 @@ def test_ltmednext_options_keep_the_spec_default():
     skip.eval()
     assert skip(x).shape == (2, 4, 70, 60)
     torch.testing.assert_close(torch.jit.script(skip)(x), skip(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flag", [None, "false"], ids=["default", "switched_off"])
+def test_largest_component_postprocessing(flag):
+    """By default each structure keeps only its largest 3D connected component (an island far from the heart goes,
+    the heart's own voxels stay); ``--keep_largest_component false`` leaves the labels as predicted."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ACDC, "configs", "inference.json"))
+    if flag is not None:
+        parser.update({"keep_largest_component": flag})
+    restore = parser.get_parsed_content("restore_transforms")
+    keep = [t for t in restore if t is not None and type(t).__name__ == "KeepLargestConnectedComponentd"]
+    _, label = make_mr_volume()
+    pred = torch.as_tensor(label[None].copy())
+    pred[0, 1:4, 1:4, 0] = 3  # a false-positive LV island in a corner
+    out = keep[0]({"pred": pred.clone()})["pred"] if keep else pred
+    assert len(keep) == (0 if flag else 1)
+    assert bool((out[0, 1:4, 1:4, 0] == 3).all()) == bool(flag)
+    np.testing.assert_array_equal(np.asarray(out)[0, 5:, 5:], label[5:, 5:])

@@ -200,3 +200,13 @@ def test_latest_checkpoint_only_resumes_unfinished_runs(tmp_path):
     assert latest_checkpoint(str(tmp_path), before_epoch=5).endswith("checkpoint_epoch=3.pt")
     assert latest_checkpoint(str(tmp_path), before_epoch=3) is None  # that run finished its 3 epochs
     assert latest_checkpoint(str(tmp_path), before_epoch=1) is None
+
+
+def test_as_bool_reads_command_line_flags():
+    from networks.training import as_bool
+
+    assert [as_bool(v) for v in (True, False, 1, 0, "true", "False", " YES ", "off", "1", "0")] == [
+        True, False, True, False, True, False, True, False, True, False]
+    for bad in ("maybe", 2, None, ""):
+        with pytest.raises(ValueError, match="true/false"):
+            as_bool(bad)

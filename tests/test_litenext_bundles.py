@@ -151,8 +151,9 @@ def test_training_with_serp_resumes_and_evaluates_on_the_original_grid(tmp_path,
 
 
 def test_training_without_serp_or_mwl(tmp_path, synthetic_dataset):
-    """The switches: ``use_serp`` False trains the plain network (projectors untouched), ``use_marginal_weight_loss``
-    False uses Dice + BCE. In-process: the bundle's own config, parsed as MONAI's runner does."""
+    """The switches: ``use_serp`` false trains the plain network (projectors untouched), ``use_marginal_weight_loss``
+    false uses Dice + BCE. Given as the command line gives them (``--use_serp false`` arrives as the string
+    "false"); in-process: the bundle's own config, parsed as MONAI's runner does."""
     from monai.bundle import ConfigParser
     from monai.losses import DiceCELoss
 
@@ -162,7 +163,7 @@ def test_training_without_serp_or_mwl(tmp_path, synthetic_dataset):
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser.update({"bundle_root": str(bundle), "dataset_dir": str(synthetic_dataset), "image_size": [64, 64],
-                   "use_serp": False, "use_marginal_weight_loss": False, "train#trainer#max_epochs": 1,
+                   "use_serp": "false", "use_marginal_weight_loss": "false", "train#trainer#max_epochs": 1,
                    "train#dataloader#batch_size": 3, "validate#handlers": []})
     parser.parse()
     assert isinstance(parser.get_parsed_content("loss"), DiceCELoss)
