@@ -20,6 +20,7 @@ import csv
 import io
 import math
 import os
+import pickle
 import random
 from collections import Counter, defaultdict
 from typing import Hashable, Mapping, Sequence
@@ -31,7 +32,7 @@ from networks.data import write_atomic
 
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
            "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
-           "roc_auc", "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
+           "roc_auc", "with_encoder_weights", "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
@@ -228,6 +229,39 @@ def class_weights(datalist: Sequence[dict], num_classes: int, label_key: str = "
     present = weights[counts > 0]
     weights = weights / present.mean() if len(present) else weights
     return torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+
+def with_encoder_weights(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """``network`` (an LTMedNeXtClassifier, or one wrapped in DistributedDataParallel) with its encoder initialised
+    from the ``encoder.*`` weights of another LTMedNeXt checkpoint at ``path`` (a segmentation bundle's
+    ``models/model.pt``, for example); unchanged when ``path`` is empty or None.
+
+    A stem trained on fewer input channels (1 for CT/MR) is spread evenly over this network's channels, so a grey
+    image replicated to RGB gives the stem exactly the response it was trained on. Everything outside the encoder
+    (the classification head) keeps its initialisation.
+    """
+    if not path:
+        return network
+    target = getattr(network, "module", network)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: cannot read encoder weights ({error})") from error
+    state = state.get("model", state)
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"{path}: no encoder.* weights (not an LTMedNeXt checkpoint?)")
+    own = target.encoder.state_dict()
+    stem = "stem.0.weight"
+    if stem in encoder and stem in own and encoder[stem].shape[1] != own[stem].shape[1]:
+        mean = encoder[stem].mean(1, keepdim=True)
+        encoder[stem] = mean.expand(-1, own[stem].shape[1], -1, -1) * (encoder[stem].shape[1] / own[stem].shape[1])
+    mismatched = [k for k in own if k not in encoder or encoder[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: encoder weights do not fit this network (size or width differs): "
+                         f"{', '.join(mismatched[:5])}")
+    target.encoder.load_state_dict(encoder)
+    return network
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics

@@ -206,3 +206,30 @@ def test_report_writes_metrics_confusion_matrix_and_predictions(tmp_path):
     assert picture.format == "PNG" and picture.width > 200
     assert engine.state.metrics["balanced_accuracy"] == pytest.approx((3 / 4 + 5 / 6) / 2)
     assert not [n for n in os.listdir(tmp_path / "eval") if n.startswith(".tmp_")]
+
+
+def test_encoder_weights_from_a_grey_segmentation_checkpoint(tmp_path):
+    """The encoder of a 1-channel LTMedNeXt segmentation checkpoint initialises a 3-channel classifier: on a grey image
+    replicated to RGB the stem answers as the segmentation stem does; the head keeps its own initialisation; a
+    checkpoint of another size is refused naming the file."""
+    from networks import LTMedNeXt, LTMedNeXtClassifier
+    from networks.classification import with_encoder_weights
+
+    torch.manual_seed(0)
+    segmenter = LTMedNeXt(2, 1, 4, "T")
+    path = tmp_path / "model.pt"
+    torch.save({"model": segmenter.state_dict()}, path)
+    classifier = LTMedNeXtClassifier(3, 2, "T")
+    head = classifier.fc.weight.clone()
+    assert with_encoder_weights(classifier, "") is classifier
+    assert with_encoder_weights(classifier, str(path)) is classifier
+    grey = torch.rand(1, 1, 64, 64)
+    torch.testing.assert_close(classifier.encoder.stem[0](grey.expand(-1, 3, -1, -1)), segmenter.encoder.stem[0](grey))
+    own, theirs = classifier.encoder.state_dict(), segmenter.encoder.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in own if k != "stem.0.weight")
+    assert torch.equal(classifier.fc.weight, head)
+    with pytest.raises(ValueError, match=str(path).replace("\\", "\\\\") + ".*do not fit"):
+        with_encoder_weights(LTMedNeXtClassifier(3, 2, "S"), str(path))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt: cannot read"):
+        with_encoder_weights(classifier, str(tmp_path / "broken.pt"))

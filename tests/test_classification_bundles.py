@@ -50,6 +50,24 @@ def test_metadata_valid_offline_and_consistent_with_configs(bundle):
         assert "UCSD COVID-CT" in meta["trained_on"] and "stand-in" in meta["description"]
 
 
+@pytest.mark.parametrize("bundle", CLASSIFICATION_BUNDLES, ids=os.path.basename)
+def test_pretrained_encoder_option_initialises_the_training_network(bundle):
+    """``--pretrained_encoder models/model.pt`` of an LTMedNeXt segmentation bundle starts training from its encoder
+    (parsed as MONAI's runner parses the config); the default starts from scratch."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    checkpoint = os.path.join(REPO, "bundles", "acdc_ltmednext_segmentation", "models", "model.pt")
+    source = torch.load(checkpoint, weights_only=True)
+    for path, expected in (("", False), (checkpoint, True)):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(bundle, "configs", "train.json"))
+        parser.update({"pretrained_encoder": path, "device": "$torch.device('cpu')"})
+        network = parser.get_parsed_content("network")
+        loaded = network.state_dict()["encoder.stages.3.1.gamma_mlp"]
+        assert torch.equal(loaded, source["encoder.stages.3.1.gamma_mlp"]) == expected
+
+
 def test_train_checkpoints_every_epoch_resumes_and_tracks_to_mlflow(synthetic_photos, tmp_path):
     pytest.importorskip("mlflow")
     root = tmp_path / "run"
