@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from networks.data import write_atomic
+from networks.evaluation import ReportHandler
 
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
            "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
@@ -433,7 +434,7 @@ def _fmt(value: float) -> str:
     return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
-class ClassificationReport:
+class ClassificationReport(ReportHandler):
     """MONAI/ignite evaluator handler: per-image predictions and the classification metrics of a run.
 
     On completion writes into ``output_dir`` (each file atomically): ``metrics.csv`` (``metric,value``: accuracy,
@@ -451,14 +452,7 @@ class ClassificationReport:
             class_names = [class_names[k] for k in sorted(class_names, key=int)]
         self.class_names = [str(c) for c in class_names]
         self.title = title
-        self.rows: list[dict] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        super().__init__()
 
     def collect(self, engine) -> None:
         for item in engine.state.output:

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from networks.data import write_atomic
 
-__all__ = ["dice", "hd95", "case_metrics", "summarise", "SegmentationReport", "PROTOCOL"]
+__all__ = ["dice", "hd95", "case_metrics", "summarise", "ReportHandler", "SegmentationReport", "PROTOCOL"]
 
 PROTOCOL = ("TransUNet protocol: 3D per case and per organ; Dice and HD95 (95th percentile of the symmetric surface "
             "distances) in voxels (no spacing, as TransUNet reports) and in mm (from the label's spacing); a prediction "
@@ -80,7 +80,28 @@ def summary_markdown(summary: dict[str, dict[str, float]], title: str, level: in
     return "\n".join(lines) + "\n"
 
 
-class SegmentationReport:
+class ReportHandler:
+    """Base of the evaluators' report handlers: ``rows`` cleared when a run starts, ``collect`` after every
+    iteration, ``write`` when the run completes (subclasses define both)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine) -> None:
+        raise NotImplementedError
+
+    def write(self, engine=None) -> dict:
+        raise NotImplementedError
+
+
+class SegmentationReport(ReportHandler):
     """MONAI/ignite handler: per-case, per-organ metrics into ``metrics.csv`` and ``summary.md`` in ``output_dir``.
 
     Expects the evaluator's output items to hold ``pred`` and ``label`` label maps on the same (original) grid, as
@@ -95,14 +116,7 @@ class SegmentationReport:
         self.labels = {int(k): v for k, v in labels.items()}
         self.title = title
         self.group_pattern = re.compile(group_pattern) if group_pattern else None
-        self.rows: list[dict] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        super().__init__()
 
     def collect(self, engine) -> None:
         for item in engine.state.output:

@@ -28,6 +28,7 @@ from monai.transforms import MapTransform, Transform
 
 from networks.classification import LoadImage2Dd, grouped_stratified_split
 from networks.data import write_atomic, write_png_atomic
+from networks.evaluation import ReportHandler
 
 __all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
            "split_cases", "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png",
@@ -192,7 +193,7 @@ def _array(tensor) -> np.ndarray:
     return array[0] if array.ndim == 3 else array
 
 
-class BinarySegmentationReport:
+class BinarySegmentationReport(ReportHandler):
     """MONAI/ignite evaluator handler: per-image metrics (:func:`binary_metrics`) into ``metrics.csv`` and their means
     into ``summary.json`` in ``output_dir``; the means are also put in ``engine.state.metrics`` as ``test_<metric>``.
 
@@ -202,14 +203,7 @@ class BinarySegmentationReport:
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
-        self.rows: list[dict] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        super().__init__()
 
     def collect(self, engine) -> None:
         for item in engine.state.output:
