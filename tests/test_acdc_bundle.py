@@ -268,7 +268,7 @@ def test_largest_component_postprocessing(flag):
     if flag is not None:
         parser.update({"keep_largest_component": flag})
     restore = parser.get_parsed_content("restore_transforms")
-    keep = [t for t in restore if t is not None and type(t).__name__ == "KeepLargestConnectedComponentd"]
+    keep = [t for t in restore if t is not None and type(t).__name__ == "KeepLargestComponentPerLabeld"]
     _, label = make_mr_volume()
     pred = torch.as_tensor(label[None].copy())
     pred[0, 1:4, 1:4, 0] = 3  # a false-positive LV island in a corner

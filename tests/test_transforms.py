@@ -1,5 +1,6 @@
 """networks.transforms against the MONAI transforms they stand in for."""
 
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -23,3 +24,38 @@ def test_argmax_labels_equal_asdiscreted_with_ties_and_meta():
 def test_argmax_labels_rejects_more_classes_than_uint8():
     with pytest.raises(ValueError, match="256 classes"):
         ArgmaxLabelsd("pred")({"pred": torch.zeros(256, 2, 2)})
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_keep_largest_component_per_label_equals_monai(dims):
+    """Random blobs of several labels (each split into components, one label untouched, equal-size ties): the same
+    label map as MONAI's KeepLargestConnectedComponentd, meta kept."""
+    from monai.transforms import KeepLargestConnectedComponentd
+    from scipy import ndimage
+
+    from networks.transforms import KeepLargestComponentPerLabeld
+
+    rng = np.random.default_rng(dims)
+    shape = (40, 36, 12)[:dims]
+    labels = ndimage.zoom(rng.integers(0, 6, (10, 9, 3)[:dims]), [s / t for s, t in zip(shape, (10, 9, 3))], order=0)
+    labels[(slice(0, 2),) * dims] = 4  # an island of label 4 in a corner
+    labels[(slice(-2, None),) * dims] = 4  # and a second one of the same size (a tie)
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+    image = MetaTensor(torch.as_tensor(labels[None].astype(np.uint8)), affine=affine)
+    applied = [1, 2, 4, 5]
+    expected = KeepLargestConnectedComponentd("pred", applied_labels=applied, independent=True,
+                                              connectivity=dims)({"pred": image.clone()})["pred"]
+    kept = KeepLargestComponentPerLabeld("pred", applied)({"pred": image.clone()})["pred"]
+    assert isinstance(kept, MetaTensor) and kept.dtype == torch.uint8 and torch.equal(kept.affine, image.affine)
+    assert torch.equal(kept.as_tensor(), expected.as_tensor())
+    assert not torch.equal(kept.as_tensor(), image.as_tensor())  # something was removed
+    assert torch.equal(kept[image == 3], image[image == 3])  # label 3 not applied: untouched
+    as_float = KeepLargestComponentPerLabeld("pred", applied)({"pred": image.float()})["pred"]
+    assert as_float.dtype == torch.float32 and torch.equal(as_float.to(torch.uint8).as_tensor(), kept.as_tensor())
+
+
+def test_keep_largest_component_per_label_rejects_scores():
+    from networks.transforms import KeepLargestComponentPerLabeld
+
+    with pytest.raises(ValueError, match="label map"):
+        KeepLargestComponentPerLabeld("pred", [1])({"pred": torch.zeros(3, 4, 4)})
