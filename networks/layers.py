@@ -23,6 +23,14 @@ class ChannelLayerNorm(nn.Module):
         self.normalized_shape = [num_channels]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_exporting():
+            # ONNX Runtime runs LayerNormalization over a 16-value channel axis slowly, between two transposes; the
+            # same arithmetic as reductions over axis 1 made LiteNeXt 18% faster there (0.43 -> 0.35 s per batch of
+            # 8 x 3 x 256 x 256, 2 threads). In eager PyTorch the layer_norm form is the faster one.
+            mean = x.mean(1, keepdim=True)
+            centred = x - mean
+            variance = (centred * centred).mean(1, keepdim=True)
+            return centred * torch.rsqrt(variance + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
         # the result keeps channels-last strides, which the following convolutions take without a copy
         normed = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return normed.permute(0, 3, 1, 2)
