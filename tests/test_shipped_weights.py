@@ -24,8 +24,9 @@ REFERENCE = os.path.join(REPO_ROOT, "samples", "reference", "example_seg.nii.gz"
 # 7 aorta, 8 pancreas)
 TOTALSEG_TO_SYNAPSE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 52: 7, 7: 8}
 # floors for the organs the shipped weights are documented to segment (the bundle's docs: the current weights miss
-# the kidneys, gallbladder, aorta and pancreas); measured on 2026-11-26: liver 0.878, spleen 0.765
-DICE_FLOORS = {"liver": 0.8, "spleen": 0.6}
+# the kidneys, gallbladder, aorta and pancreas); measured with the largest-component postprocessing (metadata
+# 0.1.3): liver 0.881, spleen 0.882, stomach 0.640 (spleen 0.765 without it)
+DICE_FLOORS = {"liver": 0.8, "spleen": 0.8, "stomach": 0.5}
 
 
 @pytest.fixture(scope="module")
