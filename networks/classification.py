@@ -7,6 +7,8 @@
 * :func:`grouped_stratified_split`: training/validation/test lists with every patient (or source) on one side and the
   classes in the same proportions on every side;
 * :func:`class_weights`: inverse-frequency loss weights for class-balanced training;
+* :func:`with_encoder_weights`: a classifier whose encoder starts from another LTMedNeXt checkpoint's (the
+  training configs' ``pretrained_encoder``);
 * :func:`classification_metrics`: accuracy, balanced accuracy, macro F1, AUC (one-vs-rest, macro) and the confusion
   matrix, with numpy only;
 * :class:`ClassificationMetric`: one of those numbers as an ignite metric (validation key metric);

@@ -28,8 +28,8 @@ def test_argmax_labels_rejects_more_classes_than_uint8():
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_keep_largest_component_per_label_equals_monai(dims):
-    """Random blobs of several labels (each split into components, one label untouched, equal-size ties): the same
-    label map as MONAI's KeepLargestConnectedComponentd, meta kept."""
+    """Random blobs of several labels (each split into components, one label untouched, two extra islands of label
+    4): the same label map as MONAI's KeepLargestConnectedComponentd, meta kept."""
     from monai.transforms import KeepLargestConnectedComponentd
     from scipy import ndimage
 
@@ -39,7 +39,7 @@ def test_keep_largest_component_per_label_equals_monai(dims):
     shape = (40, 36, 12)[:dims]
     labels = ndimage.zoom(rng.integers(0, 6, (10, 9, 3)[:dims]), [s / t for s, t in zip(shape, (10, 9, 3))], order=0)
     labels[(slice(0, 2),) * dims] = 4  # an island of label 4 in a corner
-    labels[(slice(-2, None),) * dims] = 4  # and a second one of the same size (a tie)
+    labels[(slice(-2, None),) * dims] = 4  # and a second one of the same size (not the largest: no tie decides)
     affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
     image = MetaTensor(torch.as_tensor(labels[None].astype(np.uint8)), affine=affine)
     applied = [1, 2, 4, 5]
