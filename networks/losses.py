@@ -47,20 +47,23 @@ class MarginalWeightLoss(nn.Module):
         ce_weight, dice_weight: weights of the two terms.
         to_onehot_y: the target holds class indices ``(B, 1, H, W)`` (multi-class) rather than one-hot/binary masks.
         softmax: multi-class logits (softmax + CE); otherwise binary logits (sigmoid + BCE) for 1 channel.
+        batch: compute the Dice term over the whole batch instead of per image and average (MONAI ``DiceLoss``'s
+            ``batch``). Per image, a class absent from an image scores a Dice loss near 1 for any probability mass
+            on it, which can teach a network to never predict small organs; see the Synapse bundle's docs.
 
     Shapes: ``input`` logits ``(B, C, H, W)``; ``target`` ``(B, 1, H, W)`` indices (``to_onehot_y``) or ``(B, C, H, W)``.
     """
 
     def __init__(self, kernel_size: int = 7, w_object: float = 3.0, w_background: float = 5.0, w_margin: float = 2.0,
                  ce_weight: float = 1.0, dice_weight: float = 1.0, to_onehot_y: bool = False,
-                 softmax: bool = False) -> None:
+                 softmax: bool = False, batch: bool = False) -> None:
         super().__init__()
         self.map_args = dict(kernel_size=kernel_size, w_object=w_object, w_background=w_background, w_margin=w_margin)
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.to_onehot_y = to_onehot_y
         self.softmax = softmax
-        self.dice = DiceLoss(to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=not softmax)
+        self.dice = DiceLoss(to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=not softmax, batch=batch)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or target.dim() != 4:

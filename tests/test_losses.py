@@ -64,3 +64,21 @@ def test_serp_trains_network_and_projectors_and_leaves_network_standalone():
     assert all(p.grad is not None for p in net.parameters())
     # inference uses the plain network: projectors are not part of its state
     assert not any(k.startswith("projector") for k in net.state_dict())
+
+
+def test_batch_dice_does_not_punish_a_class_absent_from_one_image():
+    # class 2 lies in image 0 only; a faint class-2 blob in image 1 is a small error that per-image Dice scores as
+    # a whole lost class (loss ~1 for that image and class), while Dice over the batch weighs it by its size
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, :, 4:12, 4:12] = 1
+    target[0, :, 16:28, 16:28] = 2
+    # confident logits: the probability left on an absent class (~1e-13 a pixel) is below Dice's smoothing term
+    clean = torch.nn.functional.one_hot(target[:, 0].long(), 3).permute(0, 3, 1, 2).float() * 30
+    spurious = clean.clone()
+    spurious[1, 2, 20:22, 20:22] = 30.0  # 4 of 1024 pixels of image 1 lean to class 2
+    per_image = MarginalWeightLoss(to_onehot_y=True, softmax=True)
+    over_batch = MarginalWeightLoss(to_onehot_y=True, softmax=True, batch=True)
+    per_image_cost = per_image(spurious, target) - per_image(clean, target)
+    over_batch_cost = over_batch(spurious, target) - over_batch(clean, target)
+    assert per_image_cost > 0.1
+    assert 0 < over_batch_cost < per_image_cost / 10
