@@ -66,7 +66,7 @@ class KeepLargestComponentPerLabeld(MapTransform):
         spatial = label_map[0]
         values = spatial if spatial.dtype.kind in "iub" else np.rint(spatial).astype(np.int32)
         # one pass labels every region of equal value; regions are numbered in raster order, as MONAI's per-label
-        # passes number them, so ties between equal sizes go the same way
+        # passes number them
         regions = connected_regions(values, background=0, connectivity=self.connectivity or spatial.ndim)
         sizes = np.bincount(regions.ravel())
         region_label = np.zeros(len(sizes), dtype=values.dtype)
@@ -76,7 +76,9 @@ class KeepLargestComponentPerLabeld(MapTransform):
             (candidates,) = np.nonzero(region_label[1:] == label)
             if len(candidates) > 1:
                 keep[candidates + 1] = False
-                keep[candidates[sizes[candidates + 1].argmax()] + 1] = True
+                # MONAI's own choice, ties included: argsort of [0, sizes...] in that order, the last entry
+                largest = np.argsort(np.concatenate([[0], sizes[candidates + 1]]))[::-1][0]
+                keep[candidates[largest - 1] + 1] = True
         out = spatial.copy()
         out[~keep[regions]] = 0
         return out[None]

@@ -54,6 +54,27 @@ def test_keep_largest_component_per_label_equals_monai(dims):
     assert as_float.dtype == torch.float32 and torch.equal(as_float.to(torch.uint8).as_tensor(), kept.as_tensor())
 
 
+def test_keep_largest_component_per_label_breaks_ties_as_monai():
+    """Two components of label 1 of equal size, the largest of that label: the same one survives as in MONAI's
+    transform (which picks the last of the tied in its argsort), in 2D and 3D."""
+    from monai.transforms import KeepLargestConnectedComponentd
+
+    from networks.transforms import KeepLargestComponentPerLabeld
+
+    for shape in ((12, 12), (8, 8, 8)):
+        labels = np.zeros(shape, dtype=np.uint8)
+        labels[(slice(1, 4),) * len(shape)] = 1
+        labels[(slice(5, 8),) * len(shape)] = 1
+        labels[(slice(0, 1),) * len(shape)] = 1  # a smaller third component
+        labels[-1, -1] = 2
+        image = MetaTensor(torch.as_tensor(labels[None]))
+        expected = KeepLargestConnectedComponentd("pred", applied_labels=[1, 2], independent=True,
+                                                  connectivity=1)({"pred": image.clone()})["pred"]
+        kept = KeepLargestComponentPerLabeld("pred", [1, 2], connectivity=1)({"pred": image.clone()})["pred"]
+        assert int((kept == 1).sum()) == 3 ** len(shape)  # exactly one of the two tied cubes
+        assert torch.equal(kept.as_tensor(), expected.as_tensor())
+
+
 def test_keep_largest_component_per_label_rejects_scores():
     from networks.transforms import KeepLargestComponentPerLabeld
 
