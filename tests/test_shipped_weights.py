@@ -23,10 +23,11 @@ REFERENCE = os.path.join(REPO_ROOT, "samples", "reference", "example_seg.nii.gz"
 # TotalSegmentator id -> Synapse id (1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 liver, 6 stomach,
 # 7 aorta, 8 pancreas)
 TOTALSEG_TO_SYNAPSE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 52: 7, 7: 8}
-# floors for the organs the shipped weights are documented to segment (the bundle's docs: the current weights miss
-# the kidneys, gallbladder, aorta and pancreas); measured with the largest-component postprocessing (metadata
-# 0.1.3): liver 0.881, spleen 0.882, stomach 0.640 (spleen 0.765 without it)
-DICE_FLOORS = {"liver": 0.8, "spleen": 0.8, "stomach": 0.5}
+# floors about 0.1 under what the shipped weights (metadata 0.2.0, with the bundle's postprocessing) measured: spleen
+# 0.885, right kidney 0.745, left kidney 0.842, gallbladder 0.671, liver 0.894, stomach 0.683, aorta 0.780. The
+# pancreas is left out: 0.176 here (TotalSegmentator marks only 644 voxels, 17 ml, of pancreas in this 9 cm slab).
+DICE_FLOORS = {"spleen": 0.8, "right_kidney": 0.65, "left_kidney": 0.7, "gallbladder": 0.55, "liver": 0.8,
+               "stomach": 0.55, "aorta": 0.65}
 
 
 @pytest.fixture(scope="module")
