@@ -1,4 +1,5 @@
-"""Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from."""
+"""Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from,
+building the loader of a stream of slices."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import glob
 import os
 import re
 
-__all__ = ["as_bool", "latest_checkpoint"]
+__all__ = ["as_bool", "latest_checkpoint", "slice_loader"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -45,3 +46,19 @@ def latest_checkpoint(folder: str, before_epoch: int | None = None) -> str | Non
     if before_epoch is not None and int(re.findall(r"epoch=(\d+)", latest)[-1]) >= int(before_epoch):
         return None
     return latest
+
+
+def slice_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs):
+    """MONAI's ``DataLoader`` over a stream of slices (``ShuffleBuffer`` of a ``GridPatchDataset``), in the main process.
+
+    With worker processes MONAI 1.6 splits that stream twice, once in the patch dataset and once in the shuffle
+    buffer, so each of ``n`` workers keeps a ``1/n^2`` share and an epoch silently loses ``1 - 1/n`` of the slices
+    (Project-MONAI/MONAI#7986; ``tests/test_synapse_bundle.py`` measures it). Asking for workers is therefore an error
+    rather than a quietly smaller training set.
+    """
+    from monai.data import DataLoader
+
+    if int(num_workers) != 0:
+        raise ValueError(f"num_workers must be 0 for a stream of slices (ShuffleBuffer over GridPatchDataset), got "
+                         f"{num_workers}: MONAI's worker split drops slices (Project-MONAI/MONAI#7986).")
+    return DataLoader(dataset, batch_size=batch_size, num_workers=0, **kwargs)

@@ -188,25 +188,3 @@ def test_export_refuses_networks_expressions(tmp_path):
         export(str(tmp_path / "missing"), str(tmp_path / "out.zip"))
     with pytest.raises(UsageError, match=r"\.zip"):
         export(SYNAPSE, str(tmp_path / "out.tar"))
-
-
-def test_latest_checkpoint_only_resumes_unfinished_runs(tmp_path):
-    from networks.training import latest_checkpoint
-
-    assert latest_checkpoint(str(tmp_path)) is None
-    for epoch in (1, 3):
-        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=3.pt")
-    assert latest_checkpoint(str(tmp_path), before_epoch=5).endswith("checkpoint_epoch=3.pt")
-    assert latest_checkpoint(str(tmp_path), before_epoch=3) is None  # that run finished its 3 epochs
-    assert latest_checkpoint(str(tmp_path), before_epoch=1) is None
-
-
-def test_as_bool_reads_command_line_flags():
-    from networks.training import as_bool
-
-    assert [as_bool(v) for v in (True, False, 1, 0, "true", "False", " YES ", "off", "1", "0")] == [
-        True, False, True, False, True, False, True, False, True, False]
-    for bad in ("maybe", 2, None, ""):
-        with pytest.raises(ValueError, match="true/false"):
-            as_bool(bad)
