@@ -53,7 +53,7 @@ def slice_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs):
 
     With worker processes MONAI 1.6 splits that stream twice, once in the patch dataset and once in the shuffle
     buffer, so each of ``n`` workers keeps a ``1/n^2`` share and an epoch silently loses ``1 - 1/n`` of the slices
-    (Project-MONAI/MONAI#7986; ``tests/test_synapse_bundle.py`` measures it). Asking for workers is therefore an error
+    (Project-MONAI/MONAI#7986; ``tests/test_training.py`` measures it). Asking for workers is therefore an error
     rather than a quietly smaller training set.
     """
     from monai.data import DataLoader
