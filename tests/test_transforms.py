@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import AsDiscreted
+from monai.transforms import AsDiscreted, ScaleIntensityRanged
 
-from networks.transforms import ArgmaxLabelsd
+from networks.transforms import ArgmaxLabelsd, WindowIntensityd
 
 
 def test_argmax_labels_equal_asdiscreted_with_ties_and_meta():
@@ -80,3 +80,25 @@ def test_keep_largest_component_per_label_rejects_scores():
 
     with pytest.raises(ValueError, match="label map"):
         KeepLargestComponentPerLabeld("pred", [1])({"pred": torch.zeros(3, 4, 4)})
+
+
+@pytest.mark.parametrize("kind", ["metatensor", "numpy", "int16"])
+def test_window_intensity_equals_scale_intensity_range_in_place(kind):
+    hu = torch.randint(-1024, 2000, (1, 30, 20, 6)).float()
+    hu[0, 0, 0, :3] = torch.tensor([-125.0, 275.0, 75.0])  # the window's ends and middle
+    image = {"metatensor": MetaTensor(hu.clone(), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))),
+             "numpy": hu.numpy().copy(), "int16": hu.to(torch.int16)}[kind]
+    expected = ScaleIntensityRanged("image", -125, 275, 0.0, 1.0, clip=True)({"image": hu.clone()})["image"]
+    out = WindowIntensityd("image", -125, 275)({"image": image})["image"]
+    assert type(out) is type(image) and out.dtype in (torch.float32, np.float32)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
+    assert np.asarray(out)[0, 0, 0, :3].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    if kind != "int16":  # float input is windowed in place, no copy of the volume
+        assert out is image
+    if kind == "metatensor":
+        assert torch.equal(out.affine, image.affine)
+
+
+def test_window_intensity_rejects_an_empty_window():
+    with pytest.raises(ValueError, match="a_max"):
+        WindowIntensityd("image", 275, -125)
