@@ -42,7 +42,7 @@ def serves_volumes(bundle: str) -> bool:
     """A 3D network, or a 2D network applied slice by slice to a volume (``SliceInferer``)."""
     inferer = _read(bundle, "inference.json").get("inferer", {})
     shape = _read(bundle, "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    return "SliceInferer" in str(inferer.get("_target_", "")) or len(shape) == 3
+    return "SliceInferer" in str(inferer) or len(shape) == 3
 
 
 def volume_bundles() -> list[str]:

@@ -1,0 +1,62 @@
+"""Inferers the bundles need beyond MONAI's."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.inferers import Inferer
+
+__all__ = ["DihedralAverageInferer"]
+
+
+class DihedralAverageInferer(Inferer):
+    """Test-time augmentation: the mean of the class probabilities that ``inferer`` gives for the symmetries of the
+    square in-plane grid (4 rotations by 90 degrees, each with and without a flip: 8), each mapped back to the input's
+    orientation. For networks trained with random 90-degree rotations and flips, as the ACDC bundle's is.
+
+    Args:
+        inferer: the inferer run on each transformed input (e.g. ``SliceInferer`` over a volume's slices).
+        spatial_axes: the two in-plane axes of the input tensor, which must be equally long (``(2, 3)`` for
+            ``(B, C, H, W, D)`` volumes sliced along D, and for ``(B, C, H, W)`` images).
+        rotations: the 4 rotations by 90 degrees (else the identity only).
+        flip: each orientation also flipped along ``spatial_axes[0]``. With ``rotations`` and ``flip`` both False
+            this is ``inferer`` alone (and its softmax).
+        softmax: take the softmax over the channel axis of each output before averaging (outputs are logits);
+            ``False`` averages the outputs as they are.
+
+    Shapes:
+        ``inputs`` ``(B, C, *spatial)``; the output has ``inferer``'s output shape, probabilities summing to 1 over
+        the channel axis when ``softmax``. Costs one run of ``inferer`` per symmetry (8 by default).
+    """
+
+    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool = True,
+                 flip: bool = True, softmax: bool = True) -> None:
+        if len(spatial_axes) != 2 or spatial_axes[0] == spatial_axes[1] or min(spatial_axes) < 2:
+            raise ValueError(f"DihedralAverageInferer: spatial_axes must be two different axes after batch and "
+                             f"channel (>= 2), got {tuple(spatial_axes)}.")
+        self.inferer = inferer
+        self.spatial_axes = (int(spatial_axes[0]), int(spatial_axes[1]))
+        self.turns = range(4) if rotations else range(1)
+        self.flips = (False, True) if flip else (False,)
+        self.softmax = softmax
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        axes = self.spatial_axes
+        if max(axes) >= inputs.dim():
+            raise ValueError(f"DihedralAverageInferer: spatial_axes {axes} do not exist in an input of shape "
+                             f"{list(inputs.shape)}.")
+        if len(self.turns) > 1 and inputs.shape[axes[0]] != inputs.shape[axes[1]]:
+            raise ValueError(f"DihedralAverageInferer: input of shape {list(inputs.shape)} is not square on axes "
+                             f"{axes}; rotations by 90 degrees need a square plane (resize it first, or rotations=False).")
+        total = torch.zeros(())
+        for turns in self.turns:
+            for flip in self.flips:
+                view = torch.rot90(inputs, turns, axes)
+                view = view.flip(axes[0]) if flip else view
+                output = self.inferer(view, network, *args, **kwargs)
+                output = output.softmax(1) if self.softmax else output
+                output = output.flip(axes[0]) if flip else output
+                total = total + torch.rot90(output, -turns, axes)
+        return total / (len(self.turns) * len(self.flips))
