@@ -260,7 +260,7 @@ def verify(bundle: str) -> list[str]:
 
 def record_hashes(bundle: str) -> dict[str, str]:
     """Write the sha256 of every file directly under ``models/`` into metadata ``model_sha256`` (after training)."""
-    from networks.data import write_json_atomic
+    from networks.data import write_atomic
 
     meta_file = os.path.join(bundle, "configs", "metadata.json")
     with open(meta_file) as f:
@@ -269,7 +269,7 @@ def record_hashes(bundle: str) -> dict[str, str]:
     names = sorted(os.listdir(models)) if os.path.isdir(models) else []
     meta["model_sha256"] = {f"models/{name}": sha256(os.path.join(models, name)) for name in names
                             if os.path.isfile(os.path.join(models, name))}
-    write_json_atomic(meta_file, meta)
+    write_atomic(meta_file, json.dumps(meta, indent=4) + "\n")  # the bundles' own layout, so the diff is the change
     return meta["model_sha256"]
 
 
