@@ -22,16 +22,14 @@ class DihedralAverageInferer(Inferer):
         rotations: the 4 rotations by 90 degrees (else the identity only).
         flip: each orientation also flipped along ``spatial_axes[0]``. With ``rotations`` and ``flip`` both False
             this is ``inferer`` alone (and its softmax).
-        softmax: take the softmax over the channel axis of each output before averaging (outputs are logits);
-            ``False`` averages the outputs as they are.
 
     Shapes:
-        ``inputs`` ``(B, C, *spatial)``; the output has ``inferer``'s output shape, probabilities summing to 1 over
-        the channel axis when ``softmax``. Costs one run of ``inferer`` per symmetry (8 by default).
+        ``inputs`` ``(B, C, *spatial)``; ``inferer`` gives logits; the output has its shape, probabilities (softmax
+        over the channel axis) summing to 1. Costs one run of ``inferer`` per symmetry (8 by default).
     """
 
     def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool = True,
-                 flip: bool = True, softmax: bool = True) -> None:
+                 flip: bool = True) -> None:
         if len(spatial_axes) != 2 or spatial_axes[0] == spatial_axes[1] or min(spatial_axes) < 2:
             raise ValueError(f"DihedralAverageInferer: spatial_axes must be two different axes after batch and "
                              f"channel (>= 2), got {tuple(spatial_axes)}.")
@@ -39,7 +37,6 @@ class DihedralAverageInferer(Inferer):
         self.spatial_axes = (int(spatial_axes[0]), int(spatial_axes[1]))
         self.turns = range(4) if rotations else range(1)
         self.flips = (False, True) if flip else (False,)
-        self.softmax = softmax
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  **kwargs: Any) -> torch.Tensor:
@@ -55,8 +52,7 @@ class DihedralAverageInferer(Inferer):
             for flip in self.flips:
                 view = torch.rot90(inputs, turns, axes)
                 view = view.flip(axes[0]) if flip else view
-                output = self.inferer(view, network, *args, **kwargs)
-                output = output.softmax(1) if self.softmax else output
+                output = self.inferer(view, network, *args, **kwargs).softmax(1)
                 output = output.flip(axes[0]) if flip else output
                 total = total + torch.rot90(output, -turns, axes)
         return total / (len(self.turns) * len(self.flips))

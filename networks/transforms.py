@@ -30,10 +30,10 @@ class WindowIntensityd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            if not (torch.is_floating_point(image) if isinstance(image, torch.Tensor)
-                    else np.issubdtype(np.asarray(image).dtype, np.floating)):
-                image = convert_to_dst_type(image, image, dtype=torch.float32)[0]
             values = torch.as_tensor(image)  # shares memory with a numpy array
+            if not values.is_floating_point():
+                image = convert_to_dst_type(image, image, dtype=torch.float32)[0]
+                values = torch.as_tensor(image)
             values.clamp_(self.a_min, self.a_max).sub_(self.a_min)
             values.mul_((self.b_max - self.b_min) / (self.a_max - self.a_min)).add_(self.b_min)
             d[key] = image
