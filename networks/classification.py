@@ -22,7 +22,6 @@ import csv
 import io
 import math
 import os
-import pickle
 import random
 from collections import Counter, defaultdict
 from typing import Hashable, Mapping, Sequence
@@ -32,6 +31,7 @@ import torch
 
 from networks.data import write_atomic
 from networks.evaluation import ReportHandler
+from networks.training import read_weights
 
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
            "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
@@ -246,11 +246,7 @@ def with_encoder_weights(network: torch.nn.Module, path: str | None) -> torch.nn
     if not path:
         return network
     target = getattr(network, "module", network)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot read encoder weights ({error})") from error
-    state = state.get("model", state)
+    state = read_weights(path)
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError(f"{path}: no encoder.* weights (not an LTMedNeXt checkpoint?)")

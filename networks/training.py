@@ -1,13 +1,16 @@
 """Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from,
-building the loader of a stream of slices."""
+starting from another run's weights, building the loader of a stream of slices."""
 
 from __future__ import annotations
 
 import glob
 import os
+import pickle
 import re
 
-__all__ = ["as_bool", "latest_checkpoint", "slice_loader"]
+import torch
+
+__all__ = ["as_bool", "latest_checkpoint", "read_weights", "slice_loader", "with_weights"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -46,6 +49,40 @@ def latest_checkpoint(folder: str, before_epoch: int | None = None) -> str | Non
     if before_epoch is not None and int(re.findall(r"epoch=(\d+)", latest)[-1]) >= int(before_epoch):
         return None
     return latest
+
+
+def read_weights(path: str) -> dict:
+    """The network weights stored at ``path``: a state dict (a bundle's ``models/model.pt``) or the ``model`` entry of
+    a training checkpoint, read with ``weights_only=True``. A ValueError names the file when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: cannot read network weights ({error})") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict or checkpoint (found {type(state).__name__})")
+    return state.get("model", state)
+
+
+def with_weights(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """``network`` (or the one inside a DistributedDataParallel) with all its weights loaded from ``path``, to fine-tune
+    a bundle's shipped ``models/model.pt`` on new data or continue a finished run with a new schedule; unchanged when
+    ``path`` is empty or None.
+
+    Only the weights are taken: the optimiser and schedule start afresh. A checkpoint of an unfinished run in
+    ``models/checkpoints/`` still wins, because it is loaded when the trainer starts, after this. Weights of another
+    network, size or class count are a ValueError naming the file and the first keys that do not fit.
+    """
+    if not path:
+        return network
+    target = getattr(network, "module", network)
+    state = read_weights(path)
+    own = target.state_dict()
+    unfit = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if unfit:
+        raise ValueError(f"{path}: the weights do not fit this network (another network, size or number of classes?): "
+                         f"{', '.join(unfit[:5])}")
+    target.load_state_dict(state)
+    return network
 
 
 def slice_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+
 import numpy as np
 import pytest
+import torch
 
-from networks.training import as_bool, latest_checkpoint, slice_loader
+from networks.training import as_bool, latest_checkpoint, slice_loader, with_weights
+
+from conftest import BUNDLES
 
 
 def test_latest_checkpoint_only_resumes_unfinished_runs(tmp_path):
@@ -49,3 +56,68 @@ def test_monai_worker_split_still_drops_slices():
 
     seen = sum(len(b) for b in DataLoader(_slice_stream(), batch_size=4, num_workers=2))
     assert seen < 15
+
+
+def _tiny_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_with_weights_loads_a_model_or_checkpoint_file(tmp_path):
+    trained = _tiny_net(1)
+    trained[1].running_mean += 3.0  # buffers travel too
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "checkpoint.pt")
+    for name in ("model.pt", "checkpoint.pt"):
+        network = _tiny_net(2)
+        assert not _same_weights(network, trained)
+        assert with_weights(network, str(tmp_path / name)) is network
+        assert _same_weights(network, trained)
+    wrapper = torch.nn.Module()  # DistributedDataParallel keeps the network as .module
+    wrapper.module = _tiny_net(2)
+    with_weights(wrapper, str(tmp_path / "model.pt"))
+    assert _same_weights(wrapper.module, trained)
+    untouched = _tiny_net(2)
+    for empty in ("", None):
+        assert _same_weights(with_weights(untouched, empty), _tiny_net(2))
+
+
+def test_with_weights_names_the_file_that_does_not_fit(tmp_path):
+    torch.save(torch.nn.Conv2d(1, 3, 1).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: the weights do not fit this network.*0.weight"):
+        with_weights(_tiny_net(0), str(tmp_path / "other.pt"))
+    wider = _tiny_net(0)
+    wider[2] = torch.nn.Conv2d(4, 3, 1)  # another number of classes
+    torch.save(wider.state_dict(), tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match="wider.pt: the weights do not fit this network.*2.weight"):
+        with_weights(_tiny_net(0), str(tmp_path / "wider.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt: cannot read network weights"):
+        with_weights(_tiny_net(0), str(tmp_path / "broken.pt"))
+
+
+@pytest.mark.parametrize("bundle", sorted(glob.glob(os.path.join(BUNDLES, "*_segmentation"))), ids=os.path.basename)
+def test_segmentation_training_starts_from_pretrained_weights(bundle, tmp_path):
+    """``--pretrained_weights PATH`` (fine-tuning) reaches the network that single- and multi-GPU training optimise."""
+    from monai.bundle import ConfigParser
+
+    def parse(**overrides):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(bundle, "configs", "train.json"))
+        parser.update({"device": "$torch.device('cpu')", **overrides})
+        return parser
+
+    start = parse().get_parsed_content("network_def")
+    for p in start.parameters():
+        p.data.uniform_(-1, 1)
+    torch.save(start.state_dict(), tmp_path / "model.pt")
+    parser = parse(pretrained_weights=str(tmp_path / "model.pt"))
+    network = parser.get_parsed_content("network")
+    assert network is not start and _same_weights(network, start)
+    assert not _same_weights(parse().get_parsed_content("network"), start)  # the default starts from scratch
+    with open(os.path.join(bundle, "configs", "multi_gpu_train.json")) as f:
+        assert json.load(f)["network"]["module"] == parser.get("network")
