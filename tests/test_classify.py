@@ -78,6 +78,8 @@ def test_probabilities_are_the_bundle_networks_own(random_weight_classifier, tmp
     np.testing.assert_allclose([float(row["p_others"]), float(row["p_monkeypox"])], expected, atol=1e-5)
     onnx = ClassifierRunner(str(random_weight_classifier), engine="onnx")
     np.testing.assert_allclose(onnx.predict([image]), runner.predict([image]), atol=1e-4)
+    smaller = ClassifierRunner(str(random_weight_classifier), overrides={"image_size": [64, 64]})  # --image_size
+    assert tuple(smaller.load(str(source / "b.jpg")).shape) == (3, 64, 64)
 
 
 def test_discovery_names_and_single_files(tmp_path):
@@ -101,7 +103,7 @@ def test_usage_error_from_the_script_exits_2(tmp_path):
     assert "error:" in result.stderr and "no trained weights" in result.stderr
 
 
-@pytest.mark.parametrize("problem", ["segmentation_option", "ray_address", "no_images", "other_classes"])
+@pytest.mark.parametrize("problem", ["segmentation_option", "ray_address", "no_images", "other_classes", "no_such_id"])
 def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys):
     from tools.infer import main
 
@@ -114,11 +116,14 @@ def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys
     elif problem == "no_images":
         source = tmp_path / "empty"
         source.mkdir()
+    elif problem == "no_such_id":  # any other --ID VALUE sets an id of the inference config; a misspelt one stops
+        extra = {"imgae_size": "[64, 64]"}
     else:
         out.mkdir()
         (out / "predictions.csv").write_text("case,input,prediction,p_normal,p_covid,p_cap\n")
     with pytest.raises(SystemExit) as code:
         main(str(random_weight_classifier), str(source), str(out), **extra)
     assert code.value.code == 2
-    expected = {"segmentation_option": "--overlay", "ray_address": "--ray_address", "no_images": "no 2D images", "other_classes": "other classes"}
+    expected = {"segmentation_option": "--overlay", "ray_address": "--ray_address", "no_images": "no 2D images",
+                "other_classes": "other classes", "no_such_id": "--imgae_size"}
     assert expected[problem] in capsys.readouterr().err

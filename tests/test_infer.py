@@ -245,3 +245,25 @@ def test_usage_errors_exit_2(problem, random_weight_bundle, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr
+
+
+
+def test_command_line_sets_ids_of_the_inference_config(random_weight_bundle, tmp_path, capsys):
+    """``--keep_largest_component false`` reaches the bundle's postprocessing, as with ``monai.bundle run``; an id the
+    config does not have is a usage error naming it, before any case runs."""
+    from networks.transforms import KeepLargestComponentPerLabeld
+    from tools.infer import BundleRunner, main
+
+    def keeps_largest(runner):
+        return any(isinstance(t, KeepLargestComponentPerLabeld) for t in runner.postprocessing.transforms)
+
+    assert keeps_largest(BundleRunner(str(random_weight_bundle)))
+    assert not keeps_largest(BundleRunner(str(random_weight_bundle), overrides={"keep_largest_component": "false"}))
+    source = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
+    with pytest.raises(SystemExit) as code:
+        main(str(random_weight_bundle), source, str(tmp_path / "out"), keep_largest_component="false")
+    assert code.value.code == 0 and _summary(tmp_path / "out")[0]["status"] == "ok"
+    with pytest.raises(SystemExit) as code:
+        main(str(random_weight_bundle), source, str(tmp_path / "typo"), keep_largest_componnet="false")
+    assert code.value.code == 2
+    assert "--keep_largest_componnet" in capsys.readouterr().err and not (tmp_path / "typo" / "summary.csv").exists()

@@ -315,6 +315,10 @@ def test_unreachable_or_malformed_address_exits_2_quickly_writing_nothing(cluste
             with pytest.raises(UsageError, match=problem):
                 run(str(random_weight_bundle), str(source), str(out), ray_address=address)
             assert time.time() - start < 30 and not out.exists(), address
+        with pytest.raises(UsageError, match="--keep_largest_componnet: .* has no id"):  # checked before dispatch
+            run(str(random_weight_bundle), str(source), str(out), ray_address=cluster.address,
+                overrides={"keep_largest_componnet": False})
+        assert not out.exists()
     finally:
         silent.close()
 
@@ -322,10 +326,15 @@ def test_unreachable_or_malformed_address_exits_2_quickly_writing_nothing(cluste
 def test_a_worker_loads_the_bundle_once_for_many_cases(ray_env, random_weight_bundle):
     from tools import ray_engine
 
-    settings = {"bundle_dir": str(random_weight_bundle), "device": "cpu", "engine": None, "num_threads": 0}
+    from networks.transforms import KeepLargestComponentPerLabeld
+
+    settings = {"bundle_dir": str(random_weight_bundle), "device": "cpu", "engine": None, "num_threads": 0,
+                "overrides": {}}
     first = ray_engine._runner(settings)
     assert ray_engine._runner(dict(settings)) is first  # the next case in this worker process reuses it
     assert ray_engine._runner({**settings, "engine": "torch"}) is not first
+    all_components = ray_engine._runner({**settings, "overrides": {"keep_largest_component": "false"}})
+    assert not any(isinstance(t, KeepLargestComponentPerLabeld) for t in all_components.postprocessing.transforms)
 
 
 def test_benchmark_reports_cases_per_minute_and_ray_overhead(ray_env, tmp_path):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.infer import Result, UsageError, check_output_dir, load_network, write_summary
+from tools.infer import Result, UsageError, apply_overrides, check_output_dir, load_network, write_summary
 
 CLASSIFICATION_FORMATS = ("classes", "classification")
 PREDICTIONS = "predictions.csv"
@@ -86,7 +86,7 @@ class ClassifierRunner:
     """The network, preprocessing, inferer and postprocessing of a classification bundle's inference config."""
 
     def __init__(self, bundle_dir: str, device: str = "cpu", engine: str | None = None,
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, overrides: dict | None = None) -> None:
         import torch
         from monai.bundle import ConfigParser
 
@@ -101,6 +101,7 @@ class ClassifierRunner:
                              f"docs/README.md).")
         parser = ConfigParser()
         parser.read_config(config_file)
+        apply_overrides(parser, overrides, config_file)
         parser.read_meta(meta_file)
         pred = parser.get("_meta_#network_data_format#outputs#pred", {})
         channel_def = pred.get("channel_def", {})
@@ -177,7 +178,7 @@ def _message(error: Exception, path: str) -> str:
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None, batch_size: int = 8) -> int:
+        ray_address: str | None = None, overrides: dict | None = None, batch_size: int = 8) -> int:
     """Classify every image under INPUT with the classification bundle in BUNDLE_DIR; returns the exit code.
 
     The arguments are ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` are for segmentation (a
@@ -199,7 +200,7 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     cases = discover(input)
     if not cases:
         raise UsageError(f"{input}: no 2D images (PNG, JPEG, BMP, TIFF, DICOM) found.")
-    runner = ClassifierRunner(bundle_dir, device, engine=engine)
+    runner = ClassifierRunner(bundle_dir, device, engine=engine, overrides=overrides)
     predictions_path = os.path.join(output_dir, PREDICTIONS)
     rows = read_predictions(predictions_path, runner.class_names)
     results = {c.name: Result(c.name, c.input, "skipped", predictions_path, 0.0, "already in predictions.csv")

@@ -9,7 +9,9 @@ on the input's grid (``<case>_seg.nii.gz``) in OUTPUT_DIR, written under a tempo
 checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM series with a missing slice are refused.
 
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
-ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting.
+ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting. Any other
+``--ID VALUE`` sets that id of the inference config for this run, as ``python -m monai.bundle run`` does
+(``--test_time_augmentation false``, ``--inferer#sw_batch_size 16``); an id the config does not have is a usage error.
 
 Cases run here, one after another, unless ``--ray_address`` sends them to a Ray cluster (``tools/ray_engine.py``,
 imported only then; ``pip install -e ".[distributed]"``): the same plan, per-case processing and summary, only where
@@ -22,6 +24,7 @@ Examples::
 
     python tools/infer.py bundles/synapse_ltmednext_segmentation samples/ct_dicom out/
     python tools/infer.py bundles/synapse_ltmednext_segmentation /data/dicom out/ --overlay --device cpu
+    python tools/infer.py bundles/acdc_ltmednext_segmentation /data/cmr out/ --test_time_augmentation false
     python tools/infer.py bundles/synapse_ltmednext_segmentation /nfs/studies /nfs/out --ray_address 10.0.0.1:6379
 """
 
@@ -129,6 +132,16 @@ def discover(input_path: str) -> list[Case]:
     return cases
 
 
+def apply_overrides(parser, overrides: dict | None, config_file: str) -> None:
+    """Set each ``id: value`` of ``overrides`` in ``parser`` (ids as MONAI writes them, ``inferer#sw_batch_size``);
+    UsageError for an id the config does not have: a misspelt option must not pass unnoticed."""
+    for key, value in (overrides or {}).items():
+        if key not in parser:
+            raise UsageError(f"--{key}: {config_file} has no id {key!r} (options of this tool: --device, --overlay, "
+                             f"--num_threads, --num_workers, --dicom_seg, --engine, --ray_address).")
+        parser[key] = value
+
+
 def check_bundle(bundle_dir: str, extra_configs: tuple[str, ...] = (), weights: str | None = None) -> tuple[str, str]:
     """The bundle's inference config and weights; UsageError when either (or an extra config) is missing."""
     config_file = os.path.join(bundle_dir, "configs", "inference.json")
@@ -143,7 +156,7 @@ class BundleRunner:
     """The network, preprocessing, inferer and postprocessing of a bundle's inference config, loaded once."""
 
     def __init__(self, bundle_dir: str, device: str = "cpu", extra_configs: tuple[str, ...] = (),
-                 weights: str | None = None, engine: str | None = None) -> None:
+                 weights: str | None = None, engine: str | None = None, overrides: dict | None = None) -> None:
         import torch
         from monai.bundle import ConfigParser
         from monai.transforms import Compose, LoadImaged, SaveImaged
@@ -151,6 +164,7 @@ class BundleRunner:
         config_file, weights = check_bundle(bundle_dir, extra_configs, weights)
         parser = ConfigParser()
         parser.read_config([config_file, *extra_configs])
+        apply_overrides(parser, overrides, config_file)
         meta_file = os.path.join(bundle_dir, "configs", "metadata.json")
         if os.path.isfile(meta_file):
             parser.read_meta(meta_file)
@@ -518,18 +532,20 @@ class Summary:
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None) -> int:
-    """Segment every case under INPUT with the bundle in BUNDLE_DIR; returns the exit code. With ``ray_address``
-    the cases run on a Ray cluster (tools/ray_engine.py); otherwise here, one after another."""
+        ray_address: str | None = None, overrides: dict | None = None) -> int:
+    """Segment every case under INPUT with the bundle in BUNDLE_DIR, its inference config's ids set from
+    ``overrides``; returns the exit code. With ``ray_address`` the cases run on a Ray cluster (tools/ray_engine.py);
+    otherwise here, one after another."""
     if ray_address:
-        return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address)
+        return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address,
+                           overrides)
     import torch
 
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     check_output_dir(output_dir)
     cases, todo = plan(input, output_dir, dicom_seg, overlay)
-    runner = BundleRunner(bundle_dir, device, engine=engine)
+    runner = BundleRunner(bundle_dir, device, engine=engine, overrides=overrides)
     summary = Summary(output_dir, cases, todo)
     for case, item in _ReadAhead(todo, runner.load, num_workers):
         summary.record(process_case(runner, case, item))
@@ -537,7 +553,7 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
 
 
 def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overlay: bool, num_threads: int,
-                dicom_seg: bool, engine: str | None, ray_address: str) -> int:
+                dicom_seg: bool, engine: str | None, ray_address: str, overrides: dict | None) -> int:
     """The same plan, processing and summary as :func:`run`; Ray decides where each case runs. Paths are made
     absolute: every node resolves them on the shared filesystem. Nothing is written before the cluster answers."""
     try:
@@ -550,12 +566,19 @@ def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overl
     if engine not in (None, *ENGINES):
         raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
     bundle_dir, input, output_dir = (os.path.abspath(p) for p in (bundle_dir, input, output_dir))
-    check_bundle(bundle_dir)
+    config_file, _ = check_bundle(bundle_dir)
+    if overrides:  # a misspelt id stops the batch here, not as a failure of every case on the workers
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        apply_overrides(parser, overrides, config_file)
     with ray_engine.connect(ray_address):
         check_output_dir(output_dir)
         cases, todo = plan(input, output_dir, dicom_seg, overlay)
         summary = Summary(output_dir, cases, todo)
-        settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads}
+        settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads,
+                    "overrides": overrides or {}}
         ray_engine.process_all(todo, settings, summary.record)
         remove_temporary_files(output_dir)  # left by workers killed mid-write; their cases were redone elsewhere
         return summary.finish()
@@ -587,18 +610,20 @@ def _image2d_segmentation_run(bundle_dir: str):
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
          num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-         ray_address: str | None = None) -> None:
+         ray_address: str | None = None, **overrides) -> None:
     """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
     while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads;
     ``dicom_seg`` also writes ``<case>_seg.dcm``, a DICOM Segmentation referencing the source series, for DICOM
     input (the series must carry its UIDs); ``engine`` is ``torch`` or ``onnx`` (ONNX Runtime on the CPU), by default
     the inference config's ``engine``. ``ray_address`` (``local``, ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)
     runs the cases on a Ray cluster, one task of ``num_threads`` CPUs (default 1) per case; INPUT, OUTPUT_DIR and
-    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used)."""
+    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used). Any other
+    ``--ID VALUE`` sets that id of the bundle's inference config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         code = (_classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir) or run)(
-            bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address)
+            bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address,
+            overrides=overrides)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

@@ -16,6 +16,7 @@ This module imports Ray: ``tools/infer.py`` imports it only when ``--ray_address
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -28,19 +29,20 @@ MAX_RETRIES = 3  # reruns of a case whose worker process or node died; a case th
 PROBE_TIMEOUT_S = 8  # per step of the reachability check (TCP, then one gRPC call): a wrong address fails within 30 s
 ADDRESS = re.compile(r"(?P<client>ray://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 ADDRESS_FORMS = "local, auto, HOST:PORT (a cluster started with `ray start --head`) or ray://HOST:10001 (Ray Client)"
-_RUNNERS: dict[tuple, BundleRunner] = {}  # in each worker process: the bundle it has loaded, by settings
+_RUNNERS: dict[str, BundleRunner] = {}  # in each worker process: the bundle it has loaded, by settings
 
 
 def _runner(settings: dict) -> BundleRunner:
     """The bundle this worker process loaded for ``settings``, loaded on its first case."""
-    key = tuple(sorted(settings.items()))
+    key = json.dumps(settings, sort_keys=True)
     if key not in _RUNNERS:
         import torch
 
         if settings["num_threads"] > 0:
             torch.set_num_threads(settings["num_threads"])
         _RUNNERS.clear()  # a worker serves one batch's bundle at a time
-        _RUNNERS[key] = BundleRunner(settings["bundle_dir"], settings["device"], engine=settings["engine"])
+        _RUNNERS[key] = BundleRunner(settings["bundle_dir"], settings["device"], engine=settings["engine"],
+                                     overrides=settings["overrides"])
     return _RUNNERS[key]
 
 

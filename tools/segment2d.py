@@ -40,12 +40,12 @@ class Segmenter2D(ClassifierRunner):
     """Loading and preprocessing as :class:`tools.classify.ClassifierRunner`; :meth:`segment` gives the mask."""
 
     def __init__(self, bundle_dir: str, device: str = "cpu", engine: str | None = None,
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, overrides: dict | None = None) -> None:
         from monai.transforms import Compose, SaveImaged
 
         from networks.segmentation2d import SaveMask2Dd
 
-        super().__init__(bundle_dir, device, engine, weights)
+        super().__init__(bundle_dir, device, engine, weights, overrides)
         self.postprocessing = Compose([t for t in self.postprocessing.transforms
                                        if not isinstance(t, (SaveImaged, SaveMask2Dd))])
 
@@ -67,7 +67,7 @@ class Segmenter2D(ClassifierRunner):
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None) -> int:
+        ray_address: str | None = None, overrides: dict | None = None) -> int:
     """Segment every 2D image under INPUT with the bundle in BUNDLE_DIR; returns the exit code. The arguments are
     ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` (volume bundles) are usage errors here and
     ``num_workers`` is not used (2D images load in milliseconds)."""
@@ -88,7 +88,7 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     results = {c.name: Result(c.name, c.input, "skipped", outputs[c.name], 0.0, "output exists")
                for c in cases if os.path.isfile(outputs[c.name])}
     todo = [c for c in cases if c.name not in results]
-    runner = Segmenter2D(bundle_dir, device, engine=engine) if todo else None
+    runner = Segmenter2D(bundle_dir, device, engine=engine, overrides=overrides) if todo else None
     for case in todo:
         start = time.perf_counter()
         try:
