@@ -247,7 +247,6 @@ def test_usage_errors_exit_2(problem, random_weight_bundle, tmp_path):
     assert "error:" in result.stderr
 
 
-
 def test_command_line_sets_ids_of_the_inference_config(random_weight_bundle, tmp_path, capsys):
     """``--keep_largest_component false`` reaches the bundle's postprocessing, as with ``monai.bundle run``; an id the
     config does not have is a usage error naming it, before any case runs."""

@@ -324,9 +324,8 @@ def test_unreachable_or_malformed_address_exits_2_quickly_writing_nothing(cluste
 
 
 def test_a_worker_loads_the_bundle_once_for_many_cases(ray_env, random_weight_bundle):
-    from tools import ray_engine
-
     from networks.transforms import KeepLargestComponentPerLabeld
+    from tools import ray_engine
 
     settings = {"bundle_dir": str(random_weight_bundle), "device": "cpu", "engine": None, "num_threads": 0,
                 "overrides": {}}
