@@ -62,6 +62,10 @@ def test_cli_writes_predictions_and_reports_a_corrupt_image(random_weight_classi
     assert _infer(random_weight_classifier, source, out).returncode == 0
     assert [r["case"] for r in _csv(out / "predictions.csv")] == ["a", "b", "d", "nested__c"]
     assert [r["status"] for r in _csv(out / "summary.csv")] == ["skipped", "skipped", "ok", "skipped"]
+    # --overwrite predicts every image again and keeps one row per image
+    assert _infer(random_weight_classifier, source, out, "--overwrite").returncode == 0
+    assert [r["status"] for r in _csv(out / "summary.csv")] == ["ok"] * 4
+    assert [r["case"] for r in _csv(out / "predictions.csv")] == ["a", "b", "d", "nested__c"]
 
 
 def test_probabilities_are_the_bundle_networks_own(random_weight_classifier, tmp_path):

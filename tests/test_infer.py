@@ -62,6 +62,14 @@ def test_segments_nifti_and_dicom_on_their_own_grid(random_weight_bundle, tmp_pa
     # a rerun skips every finished case and recomputes nothing
     assert run(str(random_weight_bundle), str(source), str(out)) == 0
     assert [r["status"] for r in _summary(out)] == ["skipped", "skipped"]
+    # --overwrite redoes them: a damaged output is written anew
+    label = by_input["ct.nii.gz"]["output"]
+    expected = np.asarray(nifti_out.dataobj)
+    with open(label, "wb") as f:
+        f.write(b"damaged")
+    assert run(str(random_weight_bundle), str(source), str(out), overwrite=True) == 0
+    assert [r["status"] for r in _summary(out)] == ["ok", "ok"]
+    np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj), expected)
 
 
 def test_bad_cases_are_reported_and_the_batch_goes_on(random_weight_bundle, tmp_path):

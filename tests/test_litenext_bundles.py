@@ -265,6 +265,7 @@ def test_infer_writes_one_mask_per_image_with_its_size(tmp_path, random_litenext
     assert not [n for n in os.listdir(out) if n.startswith(".tmp_")]
 
     os.remove(out / "rgb_seg.png")
+    from tools.infer import UsageError
     from tools.segment2d import run
 
     assert run(str(random_litenext_bundle), str(inputs), str(out)) == 1  # in-process: the same path, faster
@@ -272,6 +273,13 @@ def test_infer_writes_one_mask_per_image_with_its_size(tmp_path, random_litenext
         status = {r["case"]: r["status"] for r in csv.DictReader(f)}
     assert status["rgb"] == "ok" and status["slice"] == "skipped"
     assert status["broken"] == "failed"
+    assert run(str(random_litenext_bundle), str(inputs), str(out), overwrite=True) == 1
+    with open(out / "summary.csv") as f:
+        status = {r["case"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {**{case: "ok" for case in sizes}, "broken": "failed"}
+    # with every mask written, a misspelt config id is still a usage error
+    with pytest.raises(UsageError, match="imgae_size"):
+        run(str(random_litenext_bundle), str(inputs / "sub"), str(out), overrides={"imgae_size": [64, 64]})
 
 
 def test_infer_usage_errors_for_2d_bundles(tmp_path, random_litenext_bundle, capsys):

@@ -10,8 +10,8 @@ images would share a name). OUTPUT_DIR gets:
 * ``predictions.csv``: ``case,input,prediction`` and one ``p_<class>`` probability column per class, the class names
   from the bundle metadata's ``channel_def``; one row per image predicted, rewritten atomically after every batch;
 * ``summary.csv`` / ``summary.json``: ``case,input,status,output,seconds,message`` as for the segmentation bundles
-  (``tools/infer.py``'s ``write_summary``): ``ok``, ``skipped`` (already in ``predictions.csv`` from an earlier run)
-  or ``failed`` with a message naming the file; a corrupt image fails alone and the batch carries on.
+  (``tools/infer.py``'s ``write_summary``): ``ok``, ``skipped`` (already in ``predictions.csv`` from an earlier run;
+  ``--overwrite`` predicts it again) or ``failed`` with a message naming the file; a corrupt image fails alone and the batch carries on.
 
 Exit codes as ``tools/infer.py``: 0 every case ok or skipped, 1 some case failed, 2 usage error.
 The bundle's ``configs/inference.json`` gives the network, ``preprocessing`` (which loads the image: the same
@@ -178,7 +178,8 @@ def _message(error: Exception, path: str) -> str:
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None, overrides: dict | None = None, batch_size: int = 8) -> int:
+        ray_address: str | None = None, overrides: dict | None = None, overwrite: bool = False,
+        batch_size: int = 8) -> int:
     """Classify every image under INPUT with the classification bundle in BUNDLE_DIR; returns the exit code.
 
     The arguments are ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` are for segmentation (a
@@ -204,7 +205,7 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     predictions_path = os.path.join(output_dir, PREDICTIONS)
     rows = read_predictions(predictions_path, runner.class_names)
     results = {c.name: Result(c.name, c.input, "skipped", predictions_path, 0.0, "already in predictions.csv")
-               for c in cases if c.name in rows and rows[c.name]["input"] == c.input}
+               for c in cases if c.name in rows and rows[c.name]["input"] == c.input and not overwrite}
     todo = [c for c in cases if c.name not in results]
     order = [c.name for c in cases] + [name for name in rows if name not in {c.name for c in cases}]
 

@@ -5,7 +5,8 @@ INPUT is a NIfTI file, a DICOM series folder, or a folder searched recursively f
 on the input's grid (``<case>_seg.nii.gz``) in OUTPUT_DIR, written under a temporary name and renamed, plus
 ``summary.csv`` (case,input,status,output,seconds,message, then one ``<structure>_ml`` volume column per label) and
 ``summary.json``. A case whose output already exists is skipped, so an interrupted batch resumes where it stopped
-(temporary files a killed run left are removed); a failing case is reported and the batch carries on. Headers are
+(temporary files a killed run left are removed), unless ``--overwrite`` asks for every case to be redone (to apply
+other options or new weights to a finished batch); a failing case is reported and the batch carries on. Headers are
 checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM series with a missing slice are refused.
 
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
@@ -448,9 +449,11 @@ def take_volume(item: dict):
     return item.pop("image")
 
 
-def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = False) -> tuple[list[Case], list[Case]]:
+def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = False,
+         overwrite: bool = False) -> tuple[list[Case], list[Case]]:
     """Every case under INPUT with its output paths in OUTPUT_DIR, and the cases still to do: a case whose label (and
-    DICOM SEG, when asked for) exists is complete and skipped. Both engines run exactly these cases."""
+    DICOM SEG, when asked for) exists is complete and skipped, unless ``overwrite``. Both engines run exactly these
+    cases."""
     cases = discover(input)
     if not cases:
         raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
@@ -461,7 +464,7 @@ def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = F
         if overlay:
             case.outputs["overlay"] = os.path.join(output_dir, f"{case.name}_overlay.png")
     todo = [case for case in cases
-            if not all(os.path.isfile(case.outputs[k]) for k in ("label", "dicom_seg") if k in case.outputs)]
+            if overwrite or not all(os.path.isfile(case.outputs[k]) for k in ("label", "dicom_seg") if k in case.outputs)]
     return cases, todo
 
 
@@ -532,19 +535,19 @@ class Summary:
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None, overrides: dict | None = None) -> int:
+        ray_address: str | None = None, overrides: dict | None = None, overwrite: bool = False) -> int:
     """Segment every case under INPUT with the bundle in BUNDLE_DIR, its inference config's ids set from
-    ``overrides``; returns the exit code. With ``ray_address`` the cases run on a Ray cluster (tools/ray_engine.py);
+    ``overrides``; returns the exit code. ``overwrite`` redoes cases whose outputs exist. With ``ray_address`` the cases run on a Ray cluster (tools/ray_engine.py);
     otherwise here, one after another."""
     if ray_address:
         return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address,
-                           overrides)
+                           overrides, overwrite)
     import torch
 
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     check_output_dir(output_dir)
-    cases, todo = plan(input, output_dir, dicom_seg, overlay)
+    cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite)
     runner = BundleRunner(bundle_dir, device, engine=engine, overrides=overrides)
     summary = Summary(output_dir, cases, todo)
     for case, item in _ReadAhead(todo, runner.load, num_workers):
@@ -553,7 +556,8 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
 
 
 def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overlay: bool, num_threads: int,
-                dicom_seg: bool, engine: str | None, ray_address: str, overrides: dict | None) -> int:
+                dicom_seg: bool, engine: str | None, ray_address: str, overrides: dict | None,
+                overwrite: bool) -> int:
     """The same plan, processing and summary as :func:`run`; Ray decides where each case runs. Paths are made
     absolute: every node resolves them on the shared filesystem. Nothing is written before the cluster answers."""
     try:
@@ -575,7 +579,7 @@ def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overl
         apply_overrides(parser, overrides, config_file)
     with ray_engine.connect(ray_address):
         check_output_dir(output_dir)
-        cases, todo = plan(input, output_dir, dicom_seg, overlay)
+        cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite)
         summary = Summary(output_dir, cases, todo)
         settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads,
                     "overrides": overrides or {}}
@@ -610,20 +614,21 @@ def _image2d_segmentation_run(bundle_dir: str):
 
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
          num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-         ray_address: str | None = None, **overrides) -> None:
+         ray_address: str | None = None, overwrite: bool = False, **overrides) -> None:
     """Segment every case under INPUT (see the module docstring). ``num_workers`` threads read the next cases
     while the current one is segmented (each holds one volume in memory); ``num_threads`` sets torch's threads;
     ``dicom_seg`` also writes ``<case>_seg.dcm``, a DICOM Segmentation referencing the source series, for DICOM
     input (the series must carry its UIDs); ``engine`` is ``torch`` or ``onnx`` (ONNX Runtime on the CPU), by default
     the inference config's ``engine``. ``ray_address`` (``local``, ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)
     runs the cases on a Ray cluster, one task of ``num_threads`` CPUs (default 1) per case; INPUT, OUTPUT_DIR and
-    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used). Any other
-    ``--ID VALUE`` sets that id of the bundle's inference config."""
+    BUNDLE_DIR must then be on a filesystem every node sees at the same path (``num_workers`` is not used).
+    ``overwrite`` redoes the cases whose outputs exist instead of skipping them. Any other ``--ID VALUE`` sets that id
+    of the bundle's inference config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         code = (_classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir) or run)(
             bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address,
-            overrides=overrides)
+            overrides=overrides, overwrite=overwrite)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

@@ -6,8 +6,8 @@ INPUT is one 2D image or a folder searched recursively for them (PNG, JPEG, BMP,
 named as for the classification bundles (``tools/classify.py``: ``a/b.png`` -> case ``a__b``). Each case gives
 ``<case>_seg.png`` in OUTPUT_DIR: an 8-bit mask with the image's height and width, 0 background and 1 foreground,
 written under a temporary name and renamed. ``summary.csv`` / ``summary.json`` have the columns of the other paths
-(``case,input,status,output,seconds,message``); a case whose mask exists is ``skipped`` (an interrupted batch resumes),
-a corrupt image is ``failed`` with a message naming the file and the batch carries on. Exit codes: 0 every case ok or
+(``case,input,status,output,seconds,message``); a case whose mask exists is ``skipped`` (an interrupted batch resumes)
+unless ``--overwrite``, a corrupt image is ``failed`` with a message naming the file and the batch carries on. Exit codes: 0 every case ok or
 skipped, 1 some case failed, 2 usage error.
 
 The bundle's ``configs/inference.json`` gives the network, ``preprocessing`` (load + resize), ``inferer`` and
@@ -67,7 +67,7 @@ class Segmenter2D(ClassifierRunner):
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
-        ray_address: str | None = None, overrides: dict | None = None) -> int:
+        ray_address: str | None = None, overrides: dict | None = None, overwrite: bool = False) -> int:
     """Segment every 2D image under INPUT with the bundle in BUNDLE_DIR; returns the exit code. The arguments are
     ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` (volume bundles) are usage errors here and
     ``num_workers`` is not used (2D images load in milliseconds)."""
@@ -86,9 +86,9 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
         raise UsageError(f"{input}: no 2D images (PNG, JPEG, BMP, TIFF, DICOM) found.")
     outputs = {c.name: os.path.join(output_dir, f"{c.name}_seg.png") for c in cases}
     results = {c.name: Result(c.name, c.input, "skipped", outputs[c.name], 0.0, "output exists")
-               for c in cases if os.path.isfile(outputs[c.name])}
+               for c in cases if os.path.isfile(outputs[c.name]) and not overwrite}
     todo = [c for c in cases if c.name not in results]
-    runner = Segmenter2D(bundle_dir, device, engine=engine, overrides=overrides) if todo else None
+    runner = Segmenter2D(bundle_dir, device, engine=engine, overrides=overrides)  # checks the overrides every time
     for case in todo:
         start = time.perf_counter()
         try:
