@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.infer import Result, UsageError, apply_overrides, check_output_dir, load_network, write_summary
+from tools.infer import (Result, UsageError, apply_overrides, check_output_dir, finish_batch, load_network,
+                         write_summary)
 
 CLASSIFICATION_FORMATS = ("classes", "classification")
 PREDICTIONS = "predictions.csv"
@@ -63,6 +64,19 @@ def _name(relative: str, keep_suffix: bool) -> str:
     stem, suffix = os.path.splitext(relative)
     relative = f"{stem}_{suffix.lstrip('.')}" if keep_suffix and suffix else stem
     return re.sub(r"[\\/]+", "__", relative).strip("_.") or "image"
+
+
+def start_batch(input: str, output_dir: str, num_threads: int) -> list[Image2D]:
+    """The images under INPUT, once torch's threads are set and OUTPUT_DIR is writable; none is a usage error."""
+    import torch
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    check_output_dir(output_dir)
+    cases = discover(input)
+    if not cases:
+        raise UsageError(f"{input}: no 2D images (PNG, JPEG, BMP, TIFF, DICOM) found.")
+    return cases
 
 
 def discover(input_path: str) -> list[Image2D]:
@@ -185,8 +199,6 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     The arguments are ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` are for segmentation (a
     usage error here), ``num_workers`` is not used (2D images load in milliseconds); ``batch_size`` images go through
     the network at once."""
-    import torch
-
     if overlay or dicom_seg:
         raise UsageError(f"{bundle_dir} is a classification bundle: --overlay and --dicom_seg are for segmentation "
                          f"bundles.")
@@ -195,12 +207,7 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
                          f"of 2D images is classified in one process).")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}.")
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    check_output_dir(output_dir)
-    cases = discover(input)
-    if not cases:
-        raise UsageError(f"{input}: no 2D images (PNG, JPEG, BMP, TIFF, DICOM) found.")
+    cases = start_batch(input, output_dir, num_threads)
     runner = ClassifierRunner(bundle_dir, device, engine=engine, overrides=overrides)
     predictions_path = os.path.join(output_dir, PREDICTIONS)
     rows = read_predictions(predictions_path, runner.class_names)
@@ -245,9 +252,5 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
             (log.error if result.status == "failed" else log.info)(
                 "case %s: %s in %.2f s %s", case.name, result.status, result.seconds, result.message)
         save()
-    save()
-    ordered = [results[c.name] for c in cases]
-    failed = sum(r.status == "failed" for r in ordered)
-    log.info("%d images: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
-             sum(r.status == "skipped" for r in ordered), failed)
-    return 1 if failed else 0
+    write_predictions(predictions_path, [rows[n] for n in order if n in rows], runner.class_names)
+    return finish_batch(output_dir, [results[c.name] for c in cases], "images")

@@ -525,12 +525,15 @@ class Summary:
     def finish(self) -> int:
         """Write the final summary and log the counts; the exit code (1 when any case failed)."""
         self.progress.close()
-        ordered = [self.results[c.name] for c in self.cases if c.name in self.results]
-        write_summary(self.output_dir, ordered)
-        failed = sum(r.status == "failed" for r in ordered)
-        log.info("%d cases: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
-                 sum(r.status == "skipped" for r in ordered), failed)
-        return 1 if failed else 0
+        return finish_batch(self.output_dir, [self.results[c.name] for c in self.cases if c.name in self.results])
+
+
+def finish_batch(output_dir: str, results: list[Result], unit: str = "cases") -> int:
+    """Write the final summary of a batch and log its counts; the exit code (1 when any case failed)."""
+    write_summary(output_dir, results)
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
+    log.info("%d %s: %d ok, %d skipped, %d failed", len(results), unit, *counts.values())
+    return 1 if counts["failed"] else 0
 
 
 def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,

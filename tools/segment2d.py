@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from tools.classify import ClassifierRunner, bundle_metadata, discover
-from tools.infer import Result, UsageError, check_output_dir, failed_result, write_summary
+from tools.classify import ClassifierRunner, bundle_metadata, start_batch
+from tools.infer import Result, UsageError, failed_result, finish_batch, write_summary
 
 log = logging.getLogger("segment2d")
 
@@ -71,19 +71,12 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     """Segment every 2D image under INPUT with the bundle in BUNDLE_DIR; returns the exit code. The arguments are
     ``tools/infer.py``'s; ``overlay``, ``dicom_seg`` and ``ray_address`` (volume bundles) are usage errors here and
     ``num_workers`` is not used (2D images load in milliseconds)."""
-    import torch
-
     from networks.segmentation2d import save_mask_png
 
     if overlay or dicom_seg or ray_address:
         raise UsageError(f"{bundle_dir} segments 2D images in this process: --overlay, --dicom_seg and --ray_address "
                          f"are for volume bundles.")
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    check_output_dir(output_dir)
-    cases = discover(input)
-    if not cases:
-        raise UsageError(f"{input}: no 2D images (PNG, JPEG, BMP, TIFF, DICOM) found.")
+    cases = start_batch(input, output_dir, num_threads)
     outputs = {c.name: os.path.join(output_dir, f"{c.name}_seg.png") for c in cases}
     results = {c.name: Result(c.name, c.input, "skipped", outputs[c.name], 0.0, "output exists")
                for c in cases if os.path.isfile(outputs[c.name]) and not overwrite}
@@ -103,9 +96,4 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
         (log.error if result.status == "failed" else log.info)(
             "case %s: %s in %.2f s %s", case.name, result.status, result.seconds, result.message)
         write_summary(output_dir, [results[c.name] for c in cases if c.name in results])
-    ordered = [results[c.name] for c in cases]
-    write_summary(output_dir, ordered)
-    failed = sum(r.status == "failed" for r in ordered)
-    log.info("%d images: %d ok, %d skipped, %d failed", len(ordered), sum(r.status == "ok" for r in ordered),
-             sum(r.status == "skipped" for r in ordered), failed)
-    return 1 if failed else 0
+    return finish_batch(output_dir, [results[c.name] for c in cases], "images")
