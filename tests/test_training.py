@@ -121,3 +121,32 @@ def test_segmentation_training_starts_from_pretrained_weights(bundle, tmp_path):
     assert not _same_weights(parse().get_parsed_content("network"), start)  # the default starts from scratch
     with open(os.path.join(bundle, "configs", "multi_gpu_train.json")) as f:
         assert json.load(f)["network"]["module"] == parser.get("network")
+
+
+def _averaging_bundles() -> list[str]:
+    bundles = []
+    for bundle in sorted(glob.glob(os.path.join(BUNDLES, "*"))):
+        with open(os.path.join(bundle, "configs", "train.json")) as f:
+            if "ema" in json.load(f):
+                bundles.append(bundle)
+    return bundles
+
+
+@pytest.mark.parametrize("bundle", _averaging_bundles(), ids=os.path.basename)
+def test_weight_average_is_validated_kept_and_resumed(bundle):
+    """A bundle that averages its weights (ignite's ``EMAHandler`` as ``ema``) validates and keeps the average, resumes
+    it, and updates it in single- and multi-GPU training alike."""
+    average = "$@ema.ema_model"
+    with open(os.path.join(bundle, "configs", "train.json")) as f:
+        train = json.load(f)
+    with open(os.path.join(bundle, "configs", "multi_gpu_train.json")) as f:
+        multi_gpu = json.load(f)
+    assert train["ema"]["model"] == "@network"
+    assert train["validate"]["evaluator"]["network"] == average
+    savers = [h for h in train["train"]["handlers"] + train["validate"]["handlers"] if h["_target_"] == "CheckpointSaver"]
+    assert len(savers) == 2 and all(h["save_dict"] == {"model": average} for h in savers)
+    loader, saver = train["train"]["resume_handlers"]
+    assert loader["load_dict"]["ema_model"] == average == saver["save_dict"]["ema_model"]
+    for config in (train, multi_gpu):
+        for key in ("run", "training"):
+            assert [step for step in config[key] if "@ema.attach(@train#trainer" in step] == [config[key][-2]]
