@@ -143,7 +143,8 @@ def test_weight_average_is_validated_kept_and_resumed(bundle):
         multi_gpu = json.load(f)
     assert train["ema"]["model"] == "@network"
     assert train["validate"]["evaluator"]["network"] == average
-    savers = [h for h in train["train"]["handlers"] + train["validate"]["handlers"] if h["_target_"] == "CheckpointSaver"]
+    handlers = train["train"]["handlers"] + train["validate"]["handlers"]
+    savers = [h for h in handlers if h["_target_"] == "CheckpointSaver"]
     assert len(savers) == 2 and all(h["save_dict"] == {"model": average} for h in savers)
     loader, saver = train["train"]["resume_handlers"]
     assert loader["load_dict"]["ema_model"] == average == saver["save_dict"]["ema_model"]

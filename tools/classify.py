@@ -11,7 +11,8 @@ images would share a name). OUTPUT_DIR gets:
   from the bundle metadata's ``channel_def``; one row per image predicted, rewritten atomically after every batch;
 * ``summary.csv`` / ``summary.json``: ``case,input,status,output,seconds,message`` as for the segmentation bundles
   (``tools/infer.py``'s ``write_summary``): ``ok``, ``skipped`` (already in ``predictions.csv`` from an earlier run;
-  ``--overwrite`` predicts it again) or ``failed`` with a message naming the file; a corrupt image fails alone and the batch carries on.
+  ``--overwrite`` predicts it again) or ``failed`` with a message naming the file; a corrupt image fails alone and the
+  batch carries on.
 
 Exit codes as ``tools/infer.py``: 0 every case ok or skipped, 1 some case failed, 2 usage error.
 The bundle's ``configs/inference.json`` gives the network, ``preprocessing`` (which loads the image: the same

@@ -463,8 +463,8 @@ def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = F
             case.outputs["dicom_seg"] = os.path.join(output_dir, f"{case.name}_seg.dcm")
         if overlay:
             case.outputs["overlay"] = os.path.join(output_dir, f"{case.name}_overlay.png")
-    todo = [case for case in cases
-            if overwrite or not all(os.path.isfile(case.outputs[k]) for k in ("label", "dicom_seg") if k in case.outputs)]
+    todo = [case for case in cases if overwrite
+            or not all(os.path.isfile(case.outputs[k]) for k in ("label", "dicom_seg") if k in case.outputs)]
     return cases, todo
 
 
@@ -540,8 +540,8 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
         num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
         ray_address: str | None = None, overrides: dict | None = None, overwrite: bool = False) -> int:
     """Segment every case under INPUT with the bundle in BUNDLE_DIR, its inference config's ids set from
-    ``overrides``; returns the exit code. ``overwrite`` redoes cases whose outputs exist. With ``ray_address`` the cases run on a Ray cluster (tools/ray_engine.py);
-    otherwise here, one after another."""
+    ``overrides``; returns the exit code. ``overwrite`` redoes cases whose outputs exist. With ``ray_address`` the
+    cases run on a Ray cluster (tools/ray_engine.py); otherwise here, one after another."""
     if ray_address:
         return _run_on_ray(bundle_dir, input, output_dir, device, overlay, num_threads, dicom_seg, engine, ray_address,
                            overrides, overwrite)

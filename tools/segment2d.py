@@ -7,8 +7,8 @@ named as for the classification bundles (``tools/classify.py``: ``a/b.png`` -> c
 ``<case>_seg.png`` in OUTPUT_DIR: an 8-bit mask with the image's height and width, 0 background and 1 foreground,
 written under a temporary name and renamed. ``summary.csv`` / ``summary.json`` have the columns of the other paths
 (``case,input,status,output,seconds,message``); a case whose mask exists is ``skipped`` (an interrupted batch resumes)
-unless ``--overwrite``, a corrupt image is ``failed`` with a message naming the file and the batch carries on. Exit codes: 0 every case ok or
-skipped, 1 some case failed, 2 usage error.
+unless ``--overwrite``, a corrupt image is ``failed`` with a message naming the file and the batch carries on.
+Exit codes: 0 every case ok or skipped, 1 some case failed, 2 usage error.
 
 The bundle's ``configs/inference.json`` gives the network, ``preprocessing`` (load + resize), ``inferer`` and
 ``postprocessing`` (sigmoid, ``Invertd`` back to the image's size, threshold); its saving transform is dropped, since
