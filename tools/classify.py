@@ -253,5 +253,4 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
             (log.error if result.status == "failed" else log.info)(
                 "case %s: %s in %.2f s %s", case.name, result.status, result.seconds, result.message)
         save()
-    write_predictions(predictions_path, [rows[n] for n in order if n in rows], runner.class_names)
     return finish_batch(output_dir, [results[c.name] for c in cases], "images")

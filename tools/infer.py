@@ -139,7 +139,7 @@ def apply_overrides(parser, overrides: dict | None, config_file: str) -> None:
     for key, value in (overrides or {}).items():
         if key not in parser:
             raise UsageError(f"--{key}: {config_file} has no id {key!r} (options of this tool: --device, --overlay, "
-                             f"--num_threads, --num_workers, --dicom_seg, --engine, --ray_address).")
+                             f"--num_threads, --num_workers, --dicom_seg, --engine, --ray_address, --overwrite).")
         parser[key] = value
 
 
