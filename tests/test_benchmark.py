@@ -28,8 +28,8 @@ def _cells(line: str) -> list[str]:
 
 def test_benchmark_writes_markdown_table(tmp_path: Path) -> None:
     output = tmp_path / "benchmark.md"
-    command = [sys.executable, str(SCRIPT), "--networks", "litenext,unet", "--repeats", "1", "--batch", "1",
-               "--sizes", "32,64", "--threads", "1", "--output", str(output)]
+    command = [sys.executable, str(SCRIPT), "--networks", "litenext,litenext_encoder,unet", "--repeats", "1",
+               "--batch", "1", "--sizes", "32,64", "--threads", "1", "--output", str(output)]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr[-4000:]
 
@@ -41,13 +41,13 @@ def test_benchmark_writes_markdown_table(tmp_path: Path) -> None:
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert _cells(table[0]) == EXPECTED_HEADER
     rows = [_cells(line) for line in table[2:]]
-    assert [row[0] for row in rows] == ["LiteNeXt (fused decoder)", "MONAI UNet"]
+    assert [row[0] for row in rows] == ["LiteNeXt (fused decoder)", "LiteNeXt encoder alone (no decoder)", "MONAI UNet"]
     assert all(len(row) == len(EXPECTED_HEADER) for row in rows)
     assert rows[0][1] == "711,201"
     ratio_columns = [i for i, name in enumerate(EXPECTED_HEADER) if name == "x UNet"]
-    assert [rows[1][i] for i in ratio_columns] == ["1.00"] * 3
+    assert [rows[2][i] for i in ratio_columns] == ["1.00"] * 3
     assert "n/a" not in text
-    assert float(rows[0][-1]) < 1e-3  # ONNX Runtime agrees with PyTorch
+    assert all(float(row[-1]) < 1e-3 for row in rows)  # ONNX Runtime agrees with PyTorch
     assert table[0] in completed.stdout  # the table is printed too
 
 
@@ -66,6 +66,16 @@ def _benchmark_module():
 def test_unknown_network_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown networks"):
         _benchmark_module().main(networks="litenext,no_such_net")
+
+
+def test_encoder_row_is_the_litenext_encoder() -> None:
+    import torch
+
+    module = _benchmark_module()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = module.build("litenext").encode(images)[-1]
+        assert torch.equal(module.build("litenext_encoder")(images), expected)
 
 
 def test_inference_is_timed_in_interleaved_rounds() -> None:

@@ -17,8 +17,8 @@ Examples::
     python tools/benchmark.py --threads 4 --skip_onnx --output /tmp/benchmark.md
     python tools/benchmark.py --networks litenext,unet --repeats 1 --batch 1 --sizes 64 --skip_training
 
-Network names: litenext, litenext_published, ltmednext_t, ltmednext_s, unet, basicunet, attentionunet, segresnet,
-swinunetr, mednext_s.
+Network names: litenext, litenext_published, litenext_encoder, ltmednext_t, ltmednext_s, unet, basicunet,
+attentionunet, segresnet, swinunetr, mednext_s.
 """
 
 from __future__ import annotations
@@ -61,11 +61,23 @@ WARMUP = 2  # untimed iterations before the timed repeats
 ONNX_OPSET = 17
 UNET_CHANNELS, UNET_STRIDES = (16, 32, 64, 128, 256), (2, 2, 2, 2)
 
+
+class LiteNeXtEncoder(nn.Sequential):
+    """LiteNeXt without its decoder (stem, four stages and bottleneck; the bottleneck features are the output): any
+    runtime's time for it is a floor under the whole network's in that runtime, whatever the decoder costs."""
+
+    def __init__(self) -> None:
+        network = LiteNeXt(IN_CHANNELS, OUT_CHANNELS)
+        super().__init__(network.stem, network.stage1, network.stage2, network.stage3, network.stage4,
+                         network.bottleneck)
+
+
 # name -> (label in the table, builder)
 NETWORKS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "litenext": ("LiteNeXt (fused decoder)", lambda: LiteNeXt(IN_CHANNELS, OUT_CHANNELS)),
     "litenext_published": ("LiteNeXt (published order)",
                            lambda: LiteNeXt(IN_CHANNELS, OUT_CHANNELS, fused_decoder=False)),
+    "litenext_encoder": ("LiteNeXt encoder alone (no decoder)", LiteNeXtEncoder),
     "ltmednext_t": ("LTMedNeXt-T", lambda: LTMedNeXt(2, IN_CHANNELS, OUT_CHANNELS, size="T")),
     "ltmednext_s": ("LTMedNeXt-S", lambda: LTMedNeXt(2, IN_CHANNELS, OUT_CHANNELS, size="S")),
     "unet": ("MONAI UNet", lambda: UNet(2, IN_CHANNELS, OUT_CHANNELS, UNET_CHANNELS, UNET_STRIDES, num_res_units=2)),
@@ -182,12 +194,15 @@ def interleaved_rates(steps: dict[tuple[str, str], Callable[[], object]], batch:
 
 
 def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
-    """Forward, BCE-with-logits loss, backward and an SGD step on random images and masks."""
+    """Forward, BCE-with-logits loss, backward and an SGD step on random images and random masks shaped like the
+    output."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_function = nn.BCEWithLogitsLoss()
     images = _images(batch, size)
-    masks = (torch.rand(batch, OUT_CHANNELS, size, size, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    with torch.no_grad():
+        output_shape = model(images[:1]).shape[1:]
+    masks = (torch.rand(batch, *output_shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
