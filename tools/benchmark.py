@@ -4,7 +4,8 @@ For every network, in one run: parameters, GMACs (ptflops, aten backend, batch 1
 inference slices/s at each size, training-step slices/s, peak RSS increase of inference in a fresh process, and
 ONNX Runtime slices/s with the largest |ONNX Runtime - PyTorch| difference. Every throughput is also given as a
 ratio to MONAI UNet measured in the same run (UNet is added to the run when it is not selected). All networks take
-3 input channels and give 1 output channel (binary logits). Nothing is downloaded.
+3 input channels and give 1 output channel (binary logits), but ``litenext_encoder``, which gives its bottleneck
+features. Nothing is downloaded.
 
 Throughputs are the median of ``--repeats`` timed iterations after two untimed warm-up iterations, with
 ``torch.set_num_threads(threads)`` (and ``intra_op_num_threads=threads`` for ONNX Runtime). GMACs, training, peak
