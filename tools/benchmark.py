@@ -435,6 +435,10 @@ def render(results: list[Result], settings: Settings) -> tuple[str, str]:
                      f"`intra_op_num_threads={settings.threads}`, run at batch {batch}; \"x own eager\" divides by "
                      f"the same network's eager PyTorch inference at {size}x{size}, \"x UNet (eager)\" by eager "
                      f"MONAI UNet's; the last column is max |ONNX Runtime - PyTorch| on the same input.")
+    if "litenext_encoder" in settings.names:
+        notes.append(f"{NETWORKS['litenext_encoder'][0]}: LiteNeXt's stem, stages and bottleneck, whose output (the "
+                     f"bottleneck features, 128 channels at 1/16 resolution) replaces the logits; its time in each "
+                     f"runtime is a floor under the whole LiteNeXt's.")
     notes += settings.notes
     lines = [
         "# LiteMed Bundles CPU benchmark",
