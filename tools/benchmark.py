@@ -197,12 +197,12 @@ def interleaved_rates(steps: dict[tuple[str, str], Callable[[], object]], batch:
 def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> float:
     """Forward, BCE-with-logits loss, backward and an SGD step on random images and random masks shaped like the
     output."""
+    images = _images(batch, size)
+    with torch.no_grad():
+        output_shape = model.eval()(images[:1]).shape[1:]
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_function = nn.BCEWithLogitsLoss()
-    images = _images(batch, size)
-    with torch.no_grad():
-        output_shape = model(images[:1]).shape[1:]
     masks = (torch.rand(batch, *output_shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
 
     def step() -> None:
