@@ -74,19 +74,30 @@ def serp_iteration(serp: SERP, view_fn: Callable[[torch.Tensor], torch.Tensor] =
     """An ``iteration_update`` for MONAI's ``SupervisedTrainer`` that trains with the SERP branch.
 
     The trainer's ``network`` stays the plain network (what checkpoints and inference use); pass the trainer
-    ``optimizer`` the parameters of ``serp`` (network and projectors). Returns MONAI's usual output dict.
+    ``optimizer`` the parameters of ``serp`` (network and projectors). The step fires the trainer's iteration events
+    as MONAI's own step does, so the output is decollated and post-processed like a plain trainer's: handlers that
+    read ``from_engine(['loss'], first=True)`` (StatsHandler, TensorBoard, MLflow) get the total loss as one number.
+    The consistency term alone is in each output item as ``serp_consistency``.
     """
+    from monai.engines.utils import IterationEvents
     from monai.utils.enums import CommonKeys
 
     def step(engine, batch: dict) -> dict:
         images, labels = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)[:2]
+        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: labels}
         serp.train()
         engine.optimizer.zero_grad(set_to_none=True)
         logits, consistency = serp(images, view_fn(images))
-        loss = engine.loss_function(logits, labels) + serp.lam * consistency
+        engine.state.output[CommonKeys.PRED] = logits
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = engine.loss_function(logits, labels).mean() + serp.lam * consistency
+        engine.state.output[CommonKeys.LOSS] = loss
+        engine.state.output["serp_consistency"] = consistency.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
-        return {CommonKeys.IMAGE: images, CommonKeys.LABEL: labels, CommonKeys.PRED: logits,
-                CommonKeys.LOSS: loss.detach()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
     return step

@@ -101,3 +101,5 @@ def test_pipeline_benchmark_writes_table(tmp_path: Path) -> None:
                                         "MONAI UNet (same pipeline)", "MONAI UNet (same pipeline, --engine onnx)"]
     assert rows[2][2] == "1.00"
     assert all(float(row[1]) > 0 and 100 < float(row[3]) < 8000 for row in rows)
+    printed = [line for line in completed.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [_cells(line)[0] for line in printed] == [row[0] for row in rows]  # the table on stdout once

@@ -3,6 +3,7 @@ confusion matrix, MONAI's own inference runner; the shipped weights still classi
 
 import csv
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -91,6 +92,34 @@ def test_train_checkpoints_every_epoch_resumes_and_tracks_to_mlflow(synthetic_ph
 
     state = torch.load(str(root / "models" / "model.pt"), weights_only=True)
     LTMedNeXtClassifier(3, 2, "T").load_state_dict(state)  # the best model is a plain state dict
+
+
+def test_train_from_a_pretrained_encoder_tracks_to_mlflow(synthetic_photos, tmp_path):
+    """``--pretrained_encoder`` (the documented way to start a classifier from a segmentation bundle's encoder) with
+    ``--tracking mlflow``: trains, writes models/model.pt, and its losses reach the MLflow store."""
+    pytest.importorskip("mlflow")
+    root = tmp_path / "run"
+    encoder = os.path.join(REPO, "bundles", "synapse_ltmednext_segmentation", "models", "model.pt")
+    _bundle("run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(synthetic_photos),
+            "--bundle_root", str(root), *FAST, "1", "--pretrained_encoder", encoder, "--tracking", "mlflow")
+    assert (root / "models" / "model.pt").is_file()
+    with sqlite3.connect(str(root / "eval" / "mlruns.db")) as db:
+        losses = [v for (v,) in db.execute("select value from metrics where key = 'train_loss'")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses  # 8 images at batch 4
+
+
+def test_multi_gpu_train_on_cpu_with_gloo(synthetic_photos, tmp_path):
+    root = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         "--master_port=29521", "-m", "monai.bundle", "run", "training", "--config_file",
+         "['configs/train.json','configs/multi_gpu_train.json']", "--dataset_dir", str(synthetic_photos),
+         "--bundle_root", str(root), "--image_size", "[64, 64]", "--num_threads", "1", "--train#dataloader#batch_size",
+         "2", "--train#trainer#max_epochs", "1"], cwd=MONKEYPOX, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.listdir(root / "models" / "checkpoints") == ["checkpoint_epoch=1.pt"]
+    assert (root / "models" / "model.pt").is_file()
 
 
 def test_evaluate_writes_metrics_and_confusion_matrix(synthetic_photos, random_weight_classifier):

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import REPO, shared_data
 
 sys.path.insert(0, REPO)
-from tools.prepare_litenext import contour_mask, main, prepare  # noqa: E402
+from tools.prepare_litenext import Pair, contour_mask, convert, main, prepare  # noqa: E402
 
 
 def _disc(shape, center, radius):
@@ -260,19 +260,60 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path, capsys):
     for i in range(4):
         _save(_rgb((16, 16), i), str(src / f"ISIC_{i:07d}.jpg"))
         if i != 3:
-            _save(np.full((16, 16) if i != 2 else (8, 8), 255, np.uint8), str(src / f"ISIC_{i:07d}_segmentation.png"))
+            _save(np.full((16, 16), 255, np.uint8), str(src / f"ISIC_{i:07d}_segmentation.png"))
     (src / "ISIC_0000001.jpg").write_bytes(b"not a jpeg")
+    (src / "ISIC_0000002_segmentation.png").write_bytes(b"not a png")
     datalist = prepare("isic2018", str(src), str(tmp_path / "out"), fractions=(1, 0, 0))
     assert [i["case"] for i in datalist["training"]] == ["ISIC_0000000"]
     failed = {f["case"]: f["message"] for f in datalist["failed"]}
     assert "ISIC_0000001.jpg: not a readable image" in failed["ISIC_0000001"]
-    assert "differs from image" in failed["ISIC_0000002"] and "no mask file" in failed["ISIC_0000003"]
+    assert "ISIC_0000002_segmentation.png: not a readable mask" in failed["ISIC_0000002"]
+    assert "no mask file" in failed["ISIC_0000003"]
     assert not [n for n in os.listdir(tmp_path / "out" / "images") if n.startswith(".tmp_")]
     with pytest.raises(SystemExit) as exit_info:  # the command line exits 1 when a pair was skipped
         main("isic2018", str(src), str(tmp_path / "cli"), fractions="1,0,0")
     assert exit_info.value.code == 1
     with open(tmp_path / "cli" / "datalist.json") as f:
         assert len(json.load(f)["failed"]) == 3
+
+
+def test_isic2017_layout_masks_at_another_size_are_resized_nearest(tmp_path):
+    """ISIC 2017 Part 1 as found here: images downsized, masks at the original size (twice as large in this copy)."""
+    src = tmp_path / "isic2017"
+    for i in range(3):
+        case = f"ISIC_{i:07d}"
+        _save(_rgb((32, 40), i), str(src / "ISIC-2017_Training_Data" / f"{case}.jpg"))
+        _save(_rgb((32, 40), 9), str(src / "ISIC-2017_Training_Data" / f"{case}_superpixels.png"))
+        small = _disc((32, 40), (16, 20), 6 + i).astype(np.uint8)
+        large = np.kron(small, np.ones((2, 2), np.uint8)) * 255  # each pixel a 2x2 block: nearest gives `small` back
+        _save(large, str(src / "ISIC-2017_Training_Part1_GroundTruth" / f"{case}_segmentation.png"))
+    datalist = prepare("isic2018", str(src), str(tmp_path / "out"), fractions=(1, 0, 0))
+    assert [i["case"] for i in datalist["training"]] == [f"ISIC_{i:07d}" for i in range(3)] and not datalist["failed"]
+    for i, item in enumerate(datalist["training"]):
+        mask = _read(tmp_path / "out" / item["label"])
+        np.testing.assert_array_equal(mask, _disc((32, 40), (16, 20), 6 + i).astype(np.uint8))
+        assert _read(tmp_path / "out" / item["image"]).shape == (32, 40, 3)
+    # other datasets still refuse a mask of another size, naming both files
+    pair = Pair(case="c", image=str(src / "ISIC-2017_Training_Data" / "ISIC_0000000.jpg"),
+                masks=[str(src / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000000_segmentation.png")])
+    datalist = convert([pair], str(tmp_path / "strict"), "ph2", fractions=(1, 0, 0))
+    assert "differs from image" in datalist["failed"][0]["message"] and "ISIC_0000000.jpg" in datalist["failed"][0]["message"]
+
+
+def test_isic2017_real_pairs_convert(tmp_path):
+    """Five real ISIC 2017 pairs (256x256 JPEG, masks at the original size) become 256x256 image/mask pairs."""
+    src = os.path.join(shared_data("isic2017"), "ISIC-2017_Training_Part1_GroundTruth")
+    layout = tmp_path / "isic2017"
+    for name in sorted(os.listdir(src))[:5]:
+        case = name[: -len("_segmentation.png")]
+        for folder, file in (("ISIC-2017_Training_Part1_GroundTruth", name), ("ISIC-2017_Training_Data", f"{case}.jpg")):
+            os.makedirs(layout / folder, exist_ok=True)
+            os.symlink(os.path.join(os.path.dirname(src), folder, file), layout / folder / file)
+    datalist = prepare("isic2018", str(layout), str(tmp_path / "out"), fractions=(1, 0, 0))
+    assert len(datalist["training"]) == 5 and not datalist["failed"]
+    for item in datalist["training"]:
+        mask = _read(tmp_path / "out" / item["label"])
+        assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 1} and 0.01 < mask.mean() < 0.99
 
 
 def test_isic2018_layout_with_real_dermoscopy_images(tmp_path):

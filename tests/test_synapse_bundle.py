@@ -64,17 +64,23 @@ def test_train_checkpoints_every_epoch_and_resumes(synthetic_synapse, tmp_path):
     assert os.path.basename(latest_checkpoint(str(root / "models" / "checkpoints"))) == "checkpoint_epoch=2.pt"
 
 
-def test_train_with_marginal_weight_loss_and_mlflow(synthetic_synapse, tmp_path):
+def test_train_with_each_loss_and_pretrained_weights_tracks_to_mlflow(synthetic_synapse, tmp_path):
+    """Marginal Weight Loss on, then off (Dice + CE) starting from the first run's weights, both with ``--tracking
+    mlflow``: each writes models/model.pt and its per-iteration losses reach the MLflow store."""
     pytest.importorskip("mlflow")
-    root = tmp_path / "run"
-    _bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(synthetic_synapse),
-            "--bundle_root", str(root), *FAST, "--train#trainer#max_epochs", "1", "--use_marginal_weight_loss", "True",
-            "--tracking", "mlflow")
     import sqlite3
 
-    with sqlite3.connect(str(root / "eval" / "mlruns.db")) as db:  # the bundle's default tracking store
-        assert db.execute("select count(*) from runs").fetchone()[0] >= 1
-        assert db.execute("select count(*) from metrics").fetchone()[0] >= 1
+    first, second = tmp_path / "mwl", tmp_path / "dice_ce"
+    for root, options in ((first, ["--use_marginal_weight_loss", "True"]),
+                          (second, ["--use_marginal_weight_loss", "False", "--pretrained_weights",
+                                    str(first / "models" / "model.pt")])):
+        _bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(synthetic_synapse),
+                "--bundle_root", str(root), *FAST, "--train#trainer#max_epochs", "1", *options, "--tracking", "mlflow")
+        assert (root / "models" / "model.pt").is_file()
+        with sqlite3.connect(str(root / "eval" / "mlruns.db")) as db:  # the bundle's default tracking store
+            assert db.execute("select count(*) from runs").fetchone()[0] == 1
+            losses = [v for (v,) in db.execute("select value from metrics where key = 'train_loss'")]
+        assert losses and all(np.isfinite(losses)), losses
 
 
 def test_evaluate_writes_per_case_metrics(synthetic_synapse, random_weight_bundle):

@@ -99,14 +99,15 @@ def main(shape: str | tuple = "512,512,150", threads: int = 2, repeats: int = 2,
     with tempfile.TemporaryDirectory() as tmp:
         volume = os.path.join(tmp, "ct.nii.gz")
         write_synthetic_ct(volume, shape)
-        for name, (extra, engine) in PIPELINES.items():
+        for number, (name, (extra, engine)) in enumerate(PIPELINES.items(), 1):
             command = [sys.executable, os.path.abspath(__file__), "measure", volume, "--threads", str(threads),
                        "--repeats", str(repeats), "--extra_configs", json.dumps(list(extra)), "--engine", engine]
             done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
             if done.returncode != 0:
                 raise RuntimeError(f"{name} pipeline failed:\n{done.stderr[-3000:]}")
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(name, rows[name], flush=True)
+            # progress on stderr: stdout carries the table once
+            print(f"[{number}/{len(PIPELINES)}] {name}: {rows[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
     unet = rows["MONAI UNet (same pipeline)"]
     lines = [
         f"# Synapse CT pipeline benchmark ({'x'.join(map(str, shape))} volume)",

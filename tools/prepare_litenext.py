@@ -15,7 +15,8 @@ Layouts read (searched recursively under SOURCE):
   the 96x96 preprocessing ``images/<id>.png`` + ``masks/0/<id>.png`` (or ``masks/<id>.png``; masks thresholded at 127).
 * ``glas``: ``train_XX.bmp`` + ``train_XX_anno.bmp`` (instance labels; any label > 0 is gland); ``testA_*``/``testB_*``
   form the test list (the challenge's test sets), ``train_*`` is split into training and validation.
-* ``isic2018``: Task 1 ``ISIC_XXXXXXX.jpg`` + ``ISIC_XXXXXXX_segmentation.png``.
+* ``isic2018``: ISIC 2018 Task 1 or ISIC 2017 Part 1, ``ISIC_XXXXXXX.jpg`` + ``ISIC_XXXXXXX_segmentation.png`` paired
+  by id; a mask of another size than its image is resized to the image's with nearest-neighbour.
 * ``ph2``: ``IMDXXX/IMDXXX_Dermoscopic_Image/IMDXXX.bmp`` + ``IMDXXX/IMDXXX_lesion/IMDXXX_lesion.bmp``; the diagnosis
   from ``PH2_dataset.txt`` or ``PH2_diagnosis_subset.tsv`` (when present) stratifies the split.
 * ``sunnybrook``: Sunnybrook Cardiac Data, DICOM images (``IM-SSSS-NNNN.dcm``) and expert contours
@@ -67,7 +68,15 @@ def _stem(path: str) -> str:
 
 class Pair(dict):
     """One case to convert: ``case`` name, ``image`` path, ``masks`` (paths whose union is the mask, or a callable
-    giving the mask for the image's shape), optional ``stratum``, ``group`` and ``subset`` (``test`` to force)."""
+    giving the mask for the image's shape), optional ``stratum``, ``group``, ``subset`` (``test`` to force) and
+    ``resize_mask`` (a mask of another size is brought to the image's with nearest-neighbour instead of refused)."""
+
+
+def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 0/1 ``(H, W)`` mask resampled to ``shape`` (height, width) with nearest-neighbour (stays 0/1)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
 
 
 def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
@@ -90,6 +99,8 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
                 mask = np.zeros(image.shape[:2], dtype=np.uint8)
                 for path in masks:
                     part = read_mask(path, threshold)
+                    if part.shape != mask.shape and pair.get("resize_mask"):
+                        part = resize_nearest(part, mask.shape)
                     if part.shape != mask.shape:
                         raise ValueError(f"{path}: mask size {part.shape[::-1]} differs from image {pair['image']} "
                                          f"{mask.shape[::-1]} (width x height).")
@@ -161,10 +172,13 @@ def glas_pairs(source: str) -> list[Pair]:
 
 
 def isic2018_pairs(source: str) -> list[Pair]:
-    """ISIC 2018 Task 1: ``ISIC_<n>.jpg`` + ``ISIC_<n>_segmentation.png`` anywhere under SOURCE."""
+    """ISIC 2018 Task 1 or ISIC 2017 Part 1: ``ISIC_<n>.jpg`` + ``ISIC_<n>_segmentation.png`` anywhere under SOURCE
+    (``ISIC2018_Task1-2_Training_Input`` + ``ISIC2018_Task1_Training_GroundTruth``, or ``ISIC-2017_Training_Data`` +
+    ``ISIC-2017_Training_Part1_GroundTruth``), paired by id; ``ISIC_<n>_superpixels.png`` files are not images. A mask
+    at another size than its image (downsized copies of the images) is resized to it with nearest-neighbour."""
     files = _walk(source)
     masks = {os.path.basename(p)[: -len("_segmentation.png")]: p for p in files if p.endswith("_segmentation.png")}
-    return [Pair(case=_stem(p), image=p, masks=[masks[_stem(p)]] if _stem(p) in masks else [])
+    return [Pair(case=_stem(p), image=p, masks=[masks[_stem(p)]] if _stem(p) in masks else [], resize_mask=True)
             for p in files if re.fullmatch(r"ISIC_\d+\.jpe?g", os.path.basename(p), re.IGNORECASE)]
 
 
