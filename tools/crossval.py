@@ -1,0 +1,273 @@
+"""K-fold cross-validation of any bundle with its own configs: ``python tools/crossval.py BUNDLE_DIR DATALIST --folds K``.
+
+The cases of DATALIST's ``training`` and ``validation`` lists (``--lists`` to change; the ``test`` list stays
+untouched by default) are split into K folds by patient or case group: the ``patient`` key when the items have one,
+else ``group`` (a source paper, a run of neighbouring images), else each case alone; never one group on both sides.
+A ``stratum`` key, an integer class ``label`` (classifiers) or, when patients are the groups, ``group`` (ACDC's
+pathology) is spread evenly over the folds. For fold k:
+
+* ``OUTPUT/fold_k/datalist.json``: ``test`` = fold k, the other folds split again by group into ``training`` and
+  ``validation`` (``--val_fraction``): the bundle selects its checkpoint on that inner validation, never on fold k;
+* training: ``python -m monai.bundle run training --config_file configs/train.json`` in the bundle folder with
+  ``--bundle_root OUTPUT/fold_k`` and every extra ``--ID VALUE`` given to this tool (``--train#trainer#max_epochs 40``,
+  ``--num_threads 1``, ``--pretrained_weights PATH``...);
+* evaluation: the bundle's ``['configs/inference.json','configs/evaluate.json']`` on fold k (``--eval_split test``)
+  into ``OUTPUT/fold_k/eval_test``, with the extra options whose id has no ``#`` (an ``--image_size`` reaches both;
+  top-level ids that only training uses are inert there; ``train#...`` ids exist only in train.json).
+
+The per-case metric is what the bundle's evaluation writes: Dice per image (2D segmentation), the mean Dice over the
+structures present per volume (volume segmentation; per-structure means are reported too), or 1/0 for a correct or
+wrong class (classification: the fold's mean is its accuracy). ``OUTPUT/crossval.md``, ``crossval.json``,
+``crossval_folds.csv`` and ``crossval_cases.csv`` hold the per-fold and summary tables: mean +- sd over every case,
+and over the fold means.
+
+A rerun with the same arguments resumes: finished folds are read back, an unfinished training resumes from its last
+checkpoint (the bundle's own ``models/checkpoints``). ``--parallel N`` runs N folds at once (give each
+``--num_threads``). A fold that fails is reported with its log file and the others go on; exit code 1 then.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import fire
+import numpy as np
+
+from networks.classification import grouped_stratified_split
+from networks.data import load_datalist, write_atomic, write_datalist, write_json_atomic
+
+log = logging.getLogger("crossval")
+
+
+# ---------------------------------------------------------------------------------------------------------- splits
+def group_key(items: Sequence[dict]) -> str | None:
+    """The item key that names a patient or case group (``patient``, then ``group``), or None (each case alone)."""
+    for key in ("patient", "group"):
+        if items and all(key in item and item[key] not in ("", None) for item in items):
+            return key
+    return None
+
+
+def _strata(items: Sequence[dict], groups: str | None) -> list[int]:
+    if all("stratum" in item for item in items):
+        values = [item["stratum"] for item in items]
+    elif all(isinstance(item.get("label"), int) for item in items):
+        values = [item["label"] for item in items]
+    elif groups == "patient" and all("group" in item for item in items):
+        values = [item["group"] for item in items]
+    else:
+        return [0] * len(items)
+    codes = {value: i for i, value in enumerate(sorted({str(v) for v in values}))}
+    return [codes[str(v)] for v in values]
+
+
+def case_id(item: dict) -> str:
+    return str(item.get("case") or os.path.basename(str(item["image"])))
+
+
+def split_folds(items: Sequence[dict], folds: int, seed: int = 0) -> list[list[dict]]:
+    """``folds`` lists of ``items``: every item in exactly one, every group in one, strata spread evenly."""
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}.")
+    groups = group_key(items)
+    rows = [{**item, "_group": item[groups] if groups else f"case {i}", "_stratum": stratum}
+            for i, (item, stratum) in enumerate(zip(items, _strata(items, groups)))]
+    if len({row["_group"] for row in rows}) < folds:
+        raise ValueError(f"{folds} folds need at least {folds} patients or case groups; found "
+                         f"{len({row['_group'] for row in rows})}.")
+    parts = grouped_stratified_split(rows, [1.0] * folds, seed, group_key="_group", label_key="_stratum")
+    return [[{k: v for k, v in row.items() if not k.startswith("_")} for row in part] for part in parts]
+
+
+def fold_lists(parts: Sequence[Sequence[dict]], k: int, val_fraction: float, seed: int) -> tuple[list, list, list]:
+    """Training, validation (from the other folds, by group) and test (fold ``k``) lists of fold ``k``."""
+    rest = [item for i, part in enumerate(parts) if i != k for item in part]
+    if val_fraction <= 0:
+        return rest, [], list(parts[k])
+    groups = group_key(rest)
+    rows = [{**item, "_group": item[groups] if groups else f"case {i}", "_stratum": stratum}
+            for i, (item, stratum) in enumerate(zip(rest, _strata(rest, groups)))]
+    training, validation = grouped_stratified_split(rows, [1 - val_fraction, val_fraction], seed + 1 + k,
+                                                    group_key="_group", label_key="_stratum")
+    clean = [[{k2: v for k2, v in row.items() if not k2.startswith("_")} for row in part]
+             for part in (training, validation)]
+    return clean[0], clean[1], list(parts[k])
+
+
+# --------------------------------------------------------------------------------------------------- per-case metric
+def read_case_metrics(eval_dir: str) -> tuple[list[dict], dict[str, float]]:
+    """Per-case rows ``{"case", "metric"}`` of a bundle's evaluation folder, and per-structure means (volumes)."""
+    predictions = os.path.join(eval_dir, "predictions.csv")
+    metrics = os.path.join(eval_dir, "metrics.csv")
+    if os.path.isfile(predictions):  # classification
+        with open(predictions) as f:
+            return [{"case": os.path.basename(r["image"]), "metric": float(r["label"] == r["prediction"])}
+                    for r in csv.DictReader(f)], {}
+    if not os.path.isfile(metrics):
+        raise FileNotFoundError(f"{eval_dir}: the evaluation wrote neither metrics.csv nor predictions.csv.")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    if rows and "organ" in rows[0]:  # volume segmentation: one row per case and structure
+        present = [r for r in rows if r["gt_present"].lower() in ("true", "1") and r["dice"] not in ("", "nan")]
+        cases = sorted({r["case"] for r in present})
+        per_case = [{"case": c, "metric": float(np.mean([float(r["dice"]) for r in present if r["case"] == c]))}
+                    for c in cases]
+        organs = sorted({r["organ"] for r in present})
+        return per_case, {o: float(np.mean([float(r["dice"]) for r in present if r["organ"] == o])) for o in organs}
+    return [{"case": r["case"], "metric": float(r["dice"])} for r in rows
+            if r.get("dice") not in (None, "", "nan") and not math.isnan(float(r["dice"]))], {}
+
+
+# ------------------------------------------------------------------------------------------------------- running
+def _args(overrides: dict) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return out
+
+
+def _run(command: list[str], cwd: str, log_path: str) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "a") as log_file:
+        log_file.write("$ " + " ".join(command) + "\n")
+        log_file.flush()
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit code {done.returncode}; see {log_path}")
+
+
+def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
+    """Train (or resume) and evaluate one prepared fold folder; returns its result (also saved as result.json)."""
+    result_path = os.path.join(fold_dir, "result.json")
+    if os.path.isfile(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    log_path = os.path.join(fold_dir, "crossval.log")
+    common = ["--dataset_dir", fold_dir, "--bundle_root", fold_dir]
+    if not os.path.isfile(os.path.join(fold_dir, "trained")):
+        _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+              *common, *_args(overrides)], bundle, log_path)
+        write_atomic(os.path.join(fold_dir, "trained"), "training finished\n")
+    eval_dir = os.path.join(fold_dir, "eval_test")
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+          "['configs/inference.json','configs/evaluate.json']", "--meta_file", "configs/metadata.json", *common,
+          "--eval_split", "test", "--output_dir", eval_dir, *_args({k: v for k, v in overrides.items() if "#" not in k})],
+         bundle, log_path)
+    cases, structures = read_case_metrics(eval_dir)
+    values = [c["metric"] for c in cases]
+    result = {"cases": cases, "structures": structures, "n": len(values),
+              "mean": float(np.mean(values)) if values else float("nan")}
+    write_json_atomic(result_path, result)
+    return result
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def write_tables(output: str, bundle: str, folds: int, results: dict[int, dict], command: str) -> dict:
+    """crossval.json / .md / _folds.csv / _cases.csv from the finished folds' results."""
+    cases = [{"fold": k, **c} for k, r in sorted(results.items()) for c in r["cases"]]
+    case_mean, case_sd = _mean_sd([c["metric"] for c in cases])
+    fold_mean, fold_sd = _mean_sd([r["mean"] for r in results.values()])
+    structures = sorted({s for r in results.values() for s in r["structures"]})
+    summary = {"bundle": os.path.basename(os.path.abspath(bundle)), "folds": folds, "finished_folds": len(results),
+               "cases": len(cases), "case_mean": case_mean, "case_sd": case_sd, "fold_mean": fold_mean,
+               "fold_sd": fold_sd, "command": command,
+               "per_fold": {str(k): {"n": r["n"], "mean": r["mean"], **r["structures"]} for k, r in results.items()}}
+    write_json_atomic(os.path.join(output, "crossval.json"), summary)
+    header = ["fold", "n", "mean", *structures]
+    lines = [f"{k},{r['n']},{r['mean']:.4f}," + ",".join(f"{r['structures'].get(s, float('nan')):.4f}"
+                                                        for s in structures) for k, r in sorted(results.items())]
+    write_atomic(os.path.join(output, "crossval_folds.csv"), ",".join(header) + "\n" +
+                      "".join(line.rstrip(",") + "\n" for line in lines))
+    write_atomic(os.path.join(output, "crossval_cases.csv"), "fold,case,metric\n" +
+                      "".join(f"{c['fold']},{c['case']},{c['metric']:.4f}\n" for c in cases))
+    md = [f"# Cross-validation of {summary['bundle']}", "", f"Command: `{command}`", "",
+          f"{len(results)} of {folds} folds finished, {len(cases)} held-out cases. Per-case metric: "
+          f"**{case_mean:.4f} +- {case_sd:.4f}** (mean +- sd over cases); mean of fold means {fold_mean:.4f} +- "
+          f"{fold_sd:.4f} (sd over folds).", "", "| fold | cases | mean | " + " | ".join(structures) + " |",
+          "|" + " --- |" * (3 + len(structures))]
+    md += [f"| {k} | {r['n']} | {r['mean']:.4f} | " + " | ".join(f"{r['structures'].get(s, float('nan')):.4f}"
+                                                               for s in structures) + " |"
+           for k, r in sorted(results.items())]
+    write_atomic(os.path.join(output, "crossval.md"), "\n".join(md) + "\n")
+    return summary
+
+
+def prepare_folds(datalist: str, output: str, folds: int, lists: Sequence[str], seed: int,
+                  val_fraction: float) -> list[str]:
+    """Write each fold's datalist (once: a rerun keeps the split it started with); returns the fold folders."""
+    split_path = os.path.join(output, "folds.json")
+    items = [item for key in lists for item in load_datalist(datalist, key)]
+    parts = split_folds(items, folds, seed)
+    plan = {"datalist": os.path.abspath(datalist), "lists": list(lists), "seed": seed, "val_fraction": val_fraction,
+            "folds": [[case_id(item) for item in part] for part in parts]}
+    if os.path.isfile(split_path):
+        with open(split_path) as f:
+            if json.load(f) != plan:
+                raise ValueError(f"{split_path}: this output folder holds another split (other datalist, folds, lists, "
+                                 "seed or val_fraction); give another --output.")
+    write_json_atomic(split_path, plan)
+    folders = []
+    for k in range(folds):
+        folder = os.path.join(output, f"fold_{k}")
+        training, validation, test = fold_lists(parts, k, val_fraction, seed)
+        if not os.path.isfile(os.path.join(folder, "datalist.json")):
+            os.makedirs(folder, exist_ok=True)
+            write_datalist(os.path.join(folder, "datalist.json"), training, validation, test, fold=k, folds=folds)
+        folders.append(folder)
+    return folders
+
+
+def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists: str = "training,validation",
+             seed: int = 0, val_fraction: float = 0.15, parallel: int = 1, **overrides) -> dict:
+    """Cross-validate BUNDLE on DATALIST; returns the summary (see the module docstring)."""
+    bundle = os.path.abspath(bundle)
+    if not os.path.isfile(os.path.join(bundle, "configs", "train.json")):
+        raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
+    output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
+    key_lists = [s.strip() for s in lists.split(",")] if isinstance(lists, str) else list(lists)
+    folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction))
+    results, failed = {}, []
+    with ThreadPoolExecutor(max_workers=max(1, int(parallel))) as pool:
+        futures = {k: pool.submit(run_fold, bundle, folder, overrides) for k, folder in enumerate(folders)}
+        for k, future in futures.items():
+            try:
+                results[k] = future.result()
+                log.info("fold %d: %d cases, mean %.4f", k, results[k]["n"], results[k]["mean"])
+            except Exception as e:  # one failed fold is reported; the others go on
+                log.error("fold %d failed: %s", k, e)
+                failed.append(k)
+    command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
+                        f"--folds {folds}", *(f"--{k} {v}" for k, v in overrides.items())])
+    summary = write_tables(output, bundle, int(folds), results, command) if results else {}
+    return {**summary, "failed_folds": failed, "output": output}
+
+
+def main(bundle: str, datalist: str, folds: int = 5, **kwargs) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        summary = crossval(bundle, datalist, folds, **kwargs)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"crossval: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary.get("cases"):
+        print(f"{summary['cases']} cases in {summary['finished_folds']} folds: {summary['case_mean']:.4f} +- "
+              f"{summary['case_sd']:.4f} (tables in {summary['output']})")
+    sys.exit(1 if summary["failed_folds"] else 0)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
