@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
-           "write_atomic", "write_json_atomic", "write_nifti_atomic", "write_png_atomic", "write_datalist",
+           "write_atomic", "write_atomic_with", "write_json_atomic", "write_nifti_atomic", "write_png_atomic", "write_datalist",
            "load_datalist", "TMP_PREFIX"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)
@@ -49,7 +49,7 @@ def check_labels(label: np.ndarray, num_classes: int, source: str) -> np.ndarray
 TMP_PREFIX = ".tmp_"  # files being written; tools/infer.py removes leftovers of a killed run from OUTPUT_DIR
 
 
-def _write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+def write_atomic_with(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """``write(tmp)`` to a fresh temporary file in the target folder, then rename it to ``path``: never a
     half-written file under ``path``, and the temporary file is removed if ``write`` fails."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -65,7 +65,7 @@ def _write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> 
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
-    """Write text (UTF-8) or bytes atomically (see ``_write_atomic``)."""
+    """Write text (UTF-8) or bytes atomically (see ``write_atomic_with``)."""
 
     def write(tmp: str) -> None:
         if isinstance(data, bytes):
@@ -75,7 +75,7 @@ def write_atomic(path: str, data: str | bytes) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 f.write(data)
 
-    _write_atomic(path, write)
+    write_atomic_with(path, write)
 
 
 def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
@@ -83,7 +83,7 @@ def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> str:
     import nibabel as nib
 
     suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    _write_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(array, affine), tmp), suffix)
+    write_atomic_with(path, lambda tmp: nib.save(nib.Nifti1Image(array, affine), tmp), suffix)
     return path
 
 
@@ -91,7 +91,7 @@ def write_png_atomic(array: np.ndarray, path: str) -> None:
     """Save a 2D (grey) or 3D (RGB) uint8 array as a PNG atomically."""
     from PIL import Image
 
-    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), ".png")
+    write_atomic_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), ".png")
 
 
 def write_json_atomic(path: str, content: object) -> None:

@@ -3,6 +3,7 @@
 import csv
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -59,6 +60,8 @@ def test_segments_nifti_and_dicom_on_their_own_grid(random_weight_bundle, tmp_pa
     np.testing.assert_allclose(dicom_out.affine, np.asarray(dicom_in.affine), atol=1e-3)
     assert all(os.path.isfile(os.path.join(out, f"{r['case']}_overlay.png")) for r in rows)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]
+    modes = {stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
+    assert modes == {0o666 & ~_umask()}  # overlays, labels and summaries alike take the umask's permissions
     # a rerun skips every finished case and recomputes nothing
     assert run(str(random_weight_bundle), str(source), str(out)) == 0
     assert [r["status"] for r in _summary(out)] == ["skipped", "skipped"]
@@ -92,10 +95,10 @@ def test_bad_cases_are_reported_and_the_batch_goes_on(random_weight_bundle, tmp_
     assert sorted(os.listdir(out)) == ["a_good_seg.nii.gz", "summary.csv", "summary.json"]
 
 
-def _dicom_copy(tmp_path, keep=lambda i: True):
+def _dicom_copy(tmp_path, keep=lambda i: True, name="séries 1"):
     """The real 20-slice CT series, copied with only the slices for which ``keep(index)`` is true."""
     source = shared_data("ct_dicom_series", "totalsegmentator_example_ct")
-    target = tmp_path / "in" / "séries 1"
+    target = tmp_path / "in" / name
     target.mkdir(parents=True)
     for i, name in enumerate(sorted(os.listdir(source))):
         if keep(i):
@@ -133,15 +136,141 @@ def test_dicom_series_with_a_missing_slice_fails_clearly(random_weight_bundle, t
     assert row["status"] == "failed" and "missing slice" in row["message"] and "séries 1" in row["message"]
 
 
-def test_dicom_series_with_a_corrupt_slice_fails_clearly(random_weight_bundle, tmp_path):
+@pytest.mark.parametrize("index", [7, 19], ids=["middle", "last"])
+def test_dicom_series_with_a_corrupt_slice_fails_clearly(random_weight_bundle, tmp_path, index):
+    """A truncated slice (pydicom reads its header as far as it goes, without a word) fails its series naming the
+    file, also when it is the last slice, where no gap shows: never a shorter volume called ok."""
     series = _dicom_copy(tmp_path)
-    victim = sorted(series.iterdir())[7]
-    victim.write_bytes(victim.read_bytes()[:600])  # truncated: header gone, pixels gone
+    victim = sorted(series.iterdir())[index]
+    victim.write_bytes(victim.read_bytes()[:600])
     (series / "junk.dat").write_bytes(os.urandom(2048))
     out = tmp_path / "out"
     assert run(str(random_weight_bundle), str(series.parent), str(out)) == 1
     (row,) = _summary(out)
-    assert row["status"] == "failed" and "séries 1" in row["message"], row
+    assert row["status"] == "failed" and row["message"].startswith(f"{victim}: a file of this series without "
+                                                                   "ImagePositionPatient"), row
+
+
+def test_an_unparseable_slice_fails_its_series_and_is_named(random_weight_bundle, tmp_path):
+    series = _dicom_copy(tmp_path)
+    victim = sorted(series.iterdir())[19]
+    victim.write_bytes(victim.read_bytes()[:128] + b"DICM" + os.urandom(200))  # the preamble, then garbage
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out)) == 1
+    rows = {r["input"]: r for r in _summary(out)}
+    assert set(rows) == {str(series), str(victim)}
+    assert rows[str(victim)]["status"] == "failed" and "cannot be parsed" in rows[str(victim)]["message"]
+    assert rows[str(series)]["status"] == "failed" and victim.name in rows[str(series)]["message"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _edit_slice(series, index, **changes):
+    """Set header fields of slice ``index`` of a copied series; returns its path."""
+    import pydicom
+
+    path = sorted(series.iterdir())[index]
+    ds = pydicom.dcmread(path)
+    for name, value in changes.items():
+        setattr(ds, name, value(ds) if callable(value) else value)
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("field,value", [
+    ("Rows", 256), ("Columns", 384), ("PixelSpacing", [0.7, 0.7]), ("ImageOrientationPatient", [1, 0, 0, 0, 0.96, 0.28]),
+    ("BitsAllocated", 8), ("PixelRepresentation", lambda ds: 1 - int(ds.PixelRepresentation)), ("SamplesPerPixel", 3)])
+def test_a_slice_that_does_not_fit_its_series_fails_naming_file_and_field(random_weight_bundle, tmp_path, field,
+                                                                          value):
+    series = _dicom_copy(tmp_path)
+    victim = _edit_slice(series, 11, **{field: value})
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(series.parent), str(out)) == 1
+    (row,) = _summary(out)
+    assert row["status"] == "failed" and row["output"] == ""
+    assert row["message"].startswith(f"{victim}: {field} is "), row["message"]
+
+
+def test_series_positions_must_lie_on_one_evenly_spaced_line(random_weight_bundle, tmp_path):
+    """Positions: a slice shifted sideways, a slice moved along the normal (uneven steps), a multi-frame file; the
+    batch goes on with the good volume. Tolerances: 0.1 pixel off the line, 10% of the step."""
+    source = tmp_path / "in"
+    shifted = _dicom_copy(tmp_path, name="shifted")
+    _edit_slice(shifted, 5, ImagePositionPatient=lambda ds: [float(ds.ImagePositionPatient[0]) + 2.0,
+                                                             *ds.ImagePositionPatient[1:]])
+    uneven = _dicom_copy(tmp_path, name="uneven")
+    moved = _edit_slice(uneven, 5, ImagePositionPatient=lambda ds: [*ds.ImagePositionPatient[:2],
+                                                                    float(ds.ImagePositionPatient[2]) + 1.0])
+    jitter = _dicom_copy(tmp_path, name="jitter")  # within the tolerances: segmented
+    _edit_slice(jitter, 5, ImagePositionPatient=lambda ds: [float(ds.ImagePositionPatient[0]) + 0.05,
+                                                            *ds.ImagePositionPatient[1:2],
+                                                            float(ds.ImagePositionPatient[2]) + 0.1])
+    multiframe = _dicom_copy(tmp_path, name="multiframe")
+    enhanced = _edit_slice(multiframe, 0, NumberOfFrames=4)
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(source), str(out)) == 1
+    rows = {r["case"]: r for r in _summary(out)}
+    assert rows["jitter"]["status"] == "ok"
+    assert rows["shifted"]["status"] == "failed" and "off the line" in rows["shifted"]["message"]
+    assert rows["uneven"]["message"].startswith(f"{moved}: uneven slice spacing")
+    assert rows["multiframe"]["message"].startswith(f"{enhanced}: an enhanced (multi-frame) DICOM file of 4 frames")
+
+
+def test_trailing_singleton_dimensions_are_squeezed(random_weight_bundle, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    image, _, affine = make_ct_volume()
+    _nifti(source / "a_3d.nii.gz", image, affine)
+    _nifti(source / "b_x_y_z_1.nii.gz", image[..., None], affine)
+    _nifti(source / "c_x_y_z_1_1.nii.gz", image[..., None, None], affine)
+    _nifti(source / "d_two_phases.nii.gz", np.stack([image, image], -1), affine)
+    out = tmp_path / "out"
+    assert run(str(random_weight_bundle), str(source), str(out)) == 1
+    rows = {r["case"]: r for r in _summary(out)}
+    reference = np.asarray(nib.load(rows["a_3d"]["output"]).dataobj)
+    for name in ("b_x_y_z_1", "c_x_y_z_1_1"):
+        assert rows[name]["status"] == "ok" and "trailing size-1 dimensions squeezed" in rows[name]["message"]
+        written = nib.load(rows[name]["output"])
+        assert written.shape == image.shape
+        np.testing.assert_array_equal(np.asarray(written.dataobj), reference)
+    assert rows["d_two_phases"]["status"] == "failed" and "4D volume" in rows["d_two_phases"]["message"]
+
+
+def test_unparseable_dicom_files_are_failed_rows_and_other_files_are_counted(random_weight_bundle, tmp_path, caplog):
+    """A folder of '.dcm' files that cannot be parsed gave no row at all; now each is a failed row naming it, while
+    README.txt, .DS_Store and a thumbnail are skipped and counted in the last log line."""
+    import logging
+
+    export = tmp_path / "in" / "export"
+    export.mkdir(parents=True)
+    (export / "IM0001.dcm").write_bytes(b"\0" * 64)
+    (export / "IM0002.DCM").write_bytes(os.urandom(300))
+    (export / "IM0003").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(40))  # the preamble, then nothing usable
+    (export / "README.txt").write_text("exported from PACS")
+    (export / ".DS_Store").write_bytes(os.urandom(64))
+    (export / "thumb.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(64))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="infer"):
+        assert run(str(random_weight_bundle), str(tmp_path / "in"), str(out)) == 1
+    rows = _summary(out)
+    assert sorted(os.path.basename(r["input"]) for r in rows) == ["IM0001.dcm", "IM0002.DCM", "IM0003"]
+    assert all(r["status"] == "failed" and r["message"].startswith(r["input"]) and "cannot be parsed" in r["message"]
+               for r in rows)
+    assert "3 cases: 0 ok, 0 skipped, 3 failed; 3 other files (neither NIfTI nor DICOM) ignored" in caplog.text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "gpu"])
+def test_an_unavailable_device_is_a_usage_error_before_anything_runs(random_weight_bundle, tmp_path, device):
+    image = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "infer.py"), str(random_weight_bundle), image,
+                             str(tmp_path / "out"), "--device", device], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --device {device}: "), result.stderr[-2000:]
 
 
 def test_dicom_seg_references_the_series_and_matches_the_nifti(random_weight_bundle, tmp_path):
@@ -160,7 +289,9 @@ def test_dicom_seg_references_the_series_and_matches_the_nifti(random_weight_bun
     out = tmp_path / "out"
     assert run(str(random_weight_bundle), str(series.parent), str(out), dicom_seg=True) == 0
     (row,) = _summary(out)
-    seg = hd.seg.segread(os.path.join(out, f"{row['case']}_seg.dcm"))
+    seg_path = os.path.join(out, f"{row['case']}_seg.dcm")
+    assert stat.S_IMODE(os.stat(seg_path).st_mode) == stat.S_IMODE(os.stat(row["output"]).st_mode) == 0o666 & ~_umask()
+    seg = hd.seg.segread(seg_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert seg.StudyInstanceUID == study_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence][:2] == ["spleen", "right kidney"]

@@ -276,6 +276,34 @@ def test_onnx_dicom_seg_and_overlay_on_a_local_instance(ray_env, ray_bundle, tmp
             np.testing.assert_array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs)))
 
 
+def test_archive_inputs_give_the_in_process_rows_on_a_local_instance(ray_env, ray_bundle, tmp_path):
+    """The checks on real-archive input (a slice of another matrix size, an unparseable '.dcm', a NIfTI with a trailing
+    size-1 dimension) give the same rows through Ray as in-process."""
+    import pydicom
+
+    source = _volumes(tmp_path / "in", 1)
+    image, _, affine = make_ct_volume()
+    nib.save(nib.Nifti1Image(image[..., None], affine), str(source / "singleton.nii.gz"))
+    series = source / "series"
+    shutil.copytree(os.path.join(REPO, "samples", "ct_dicom", "totalsegmentator_example_ct"), series)
+    victim = sorted(series.iterdir())[4]
+    ds = pydicom.dcmread(victim)
+    ds.Rows = 256
+    ds.save_as(victim)
+    (source / "export").mkdir()
+    (source / "export" / "IM0001.dcm").write_bytes(b"not dicom at all")
+    assert run(str(ray_bundle), str(source), str(tmp_path / "reference")) == 1
+    assert run(str(ray_bundle), str(source), str(tmp_path / "out"), ray_address="local") == 1
+    rows, reference = _summary(tmp_path / "out"), _summary(tmp_path / "reference")
+    assert [(r["case"], r["status"], r["message"]) for r in rows] == \
+        [(r["case"], r["status"], r["message"]) for r in reference]
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["singleton"]["status"] == "ok" and "squeezed" in by_case["singleton"]["message"]
+    assert by_case["series"]["message"].startswith(f"{victim}: Rows is 256")
+    assert by_case["export__IM0001.dcm"]["status"] == "failed"
+    _assert_same_outputs(tmp_path / "out", tmp_path / "reference")
+
+
 def test_without_ray_installed_exits_2_with_the_install_command(random_weight_bundle, tmp_path):
     image, _, affine = make_ct_volume()
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))

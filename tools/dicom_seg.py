@@ -8,7 +8,6 @@ and geometry are those of the source images.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
@@ -90,11 +89,6 @@ def write_dicom_seg(label, folder: str, series_uid: str, labels: dict[int, str],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="LiteMed Bundles",
         manufacturer_model_name=algorithm, software_versions=version, device_serial_number="none",
         series_description=f"{algorithm} segmentation (research use only)")
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output_path)), prefix=".tmp_", suffix=".dcm")
-    os.close(handle)
-    try:
-        seg.save_as(tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from networks.data import write_atomic_with
+
+    write_atomic_with(output_path, seg.save_as, ".dcm")

@@ -7,7 +7,14 @@ on the input's grid (``<case>_seg.nii.gz``) in OUTPUT_DIR, written under a tempo
 ``summary.json``. A case whose output already exists is skipped, so an interrupted batch resumes where it stopped
 (temporary files a killed run left are removed), unless ``--overwrite`` asks for every case to be redone (to apply
 other options or new weights to a finished batch); a failing case is reported and the batch carries on. Headers are
-checked before any voxel is read: a volume over 4 GiB as float32 and a DICOM series with a missing slice are refused.
+checked before any voxel is read: a volume over 4 GiB as float32 is refused, and so is a DICOM series whose slices
+do not form one regular grid (:func:`check_dicom_series`: the same Rows, Columns, PixelSpacing, ImageOrientationPatient,
+BitsAllocated, PixelRepresentation and SamplesPerPixel; positions on one line along the slice normal; even steps, no
+gap or duplicate; every file of the series with a position, so a truncated slice is caught) or that is an enhanced
+multi-frame file. A file that claims to be DICOM (``.dcm``/``.dicom``/``.ima``
+or the DICM preamble) but cannot be parsed is a failed row of its own, and fails the series of its folder; other
+files are ignored and counted in the last log line. A NIfTI of shape (x, y, z, 1) or (x, y, z, 1, 1) is read as
+(x, y, z) (the row's message says so). ``--device cuda`` where torch sees no GPU is a usage error.
 
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
 ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, writing and reporting. Any other
@@ -66,8 +73,9 @@ class Case:
 
     name: str
     input: str
-    kind: str  # "nifti" or "dicom"
+    kind: str  # "nifti", "dicom", or "unreadable" (a file that claims to be DICOM but cannot be parsed)
     series_uid: str = ""
+    problem: str = ""  # set by discovery when the case cannot be read as it stands (an "unreadable" file)
     outputs: dict = field(default_factory=dict)  # "label", "dicom_seg", "overlay" -> path; set by plan()
 
 
@@ -90,8 +98,24 @@ def _case_name(path: str, root: str) -> str:
     return re.sub(r"[\\/]+", "__", relative).strip("_.") or "case"
 
 
-def _dicom_series(folder: str) -> dict[str, str]:
-    """SeriesInstanceUID -> folder for the DICOM files directly in ``folder`` (non-DICOM files are ignored)."""
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def claims_dicom(path: str) -> bool:
+    """A DICOM file name, or the DICM preamble at byte 128."""
+    if path.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_series(folder: str, unreadable: list[Case], ignored: list[str]) -> dict[str, str]:
+    """SeriesInstanceUID -> folder for the DICOM files directly in ``folder``. A file that claims to be DICOM
+    (:func:`claims_dicom`) but cannot be parsed is added to ``unreadable``; other files that are not DICOM (README.txt,
+    thumbnails) to ``ignored``."""
     import pydicom
 
     series: dict[str, str] = {}
@@ -101,17 +125,28 @@ def _dicom_series(folder: str) -> dict[str, str]:
             continue
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
-        except Exception:
+            is_dicom = "SOPClassUID" in header or "SeriesInstanceUID" in header or bool(header.file_meta)
+        except Exception as e:
+            if claims_dicom(path):
+                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                unreadable.append(Case("", path, "unreadable", problem=f"claims to be DICOM but cannot be parsed "
+                                                                       f"({detail})"))
+            else:
+                ignored.append(path)
             continue
-        if "SOPClassUID" not in header and "SeriesInstanceUID" not in header and not header.file_meta:
+        if not is_dicom:
+            (unreadable.append(Case("", path, "unreadable", problem="claims to be DICOM but cannot be parsed (no DICOM header)"))
+             if claims_dicom(path) else ignored.append(path))
             continue
         # files without a SeriesInstanceUID (anonymised exports) form one series per folder, keyed ""
         series.setdefault(str(getattr(header, "SeriesInstanceUID", "") or ""), folder)
     return series
 
 
-def discover(input_path: str) -> list[Case]:
-    """All cases under ``input_path``, in a stable order."""
+def discover(input_path: str, ignored: list[str] | None = None) -> list[Case]:
+    """All cases under ``input_path``, in a stable order; files that are neither NIfTI nor DICOM are appended to
+    ``ignored``."""
+    ignored = [] if ignored is None else ignored
     if not os.path.exists(input_path):
         raise UsageError(f"{input_path}: input not found.")
     if os.path.isfile(input_path):
@@ -125,11 +160,18 @@ def discover(input_path: str) -> list[Case]:
             if name.endswith(NIFTI_SUFFIXES):
                 path = os.path.join(folder, name)
                 cases.append(Case(_case_name(path, input_path), path, "nifti"))
-        series = _dicom_series(folder)
+        unreadable: list[Case] = []
+        series = _dicom_series(folder, unreadable, ignored)
+        # a slice that cannot be parsed may belong to any series of the folder: none is segmented incomplete
+        problem = (f"the folder holds {len(unreadable)} DICOM file(s) that cannot be parsed "
+                   f"({os.path.basename(unreadable[0].input)}); the series may be incomplete") if unreadable else ""
         for uid in sorted(series):
             base = _case_name(folder, input_path) if folder != input_path else os.path.basename(os.path.abspath(folder))
             name = base if len(series) == 1 else f"{base}__{uid[-12:] or 'no_uid'}"
-            cases.append(Case(name, folder, "dicom", uid))
+            cases.append(Case(name, folder, "dicom", uid, problem=problem))
+        for case in unreadable:
+            case.name = _case_name(case.input, input_path)
+            cases.append(case)
     return cases
 
 
@@ -195,7 +237,7 @@ class BundleRunner:
         if case.kind == "dicom":
             reader = ITKReader(series_name=case.series_uid) if case.series_uid else ITKReader()
             return LoadImage(reader=reader, image_only=True)(case.input)
-        return LoadImage(image_only=True)(case.input)
+        return squeeze_trailing_dims(LoadImage(image_only=True)(case.input))
 
     def __call__(self, case: Case):
         return self.segment({"image": self.load(case)}, case.input)
@@ -277,7 +319,10 @@ def check_volume(image, source: str) -> None:
 
 
 def check_header(case: Case) -> None:
-    """Fail fast, before any voxel is read: unreadable headers, volumes too large to hold, gaps in a DICOM series."""
+    """Fail fast, before any voxel is read: unreadable headers, volumes too large to hold, DICOM series whose slices
+    do not form one regular grid (:func:`check_dicom_series`)."""
+    if case.problem:
+        raise ValueError(f"{case.input}: {case.problem}.")
     if case.kind == "nifti":
         import nibabel as nib
 
@@ -286,33 +331,86 @@ def check_header(case: Case) -> None:
         except Exception as e:
             raise ValueError(f"{case.input}: not a readable NIfTI file ({str(e).splitlines()[0] if str(e) else e!r}).")
     else:
-        shape = _check_dicom_positions(case)
+        shape = check_dicom_series(case)
     size = 4 * int(np.prod(shape, dtype=np.float64))  # bytes once loaded as float32
     if size > MAX_VOLUME_BYTES:
         raise ValueError(f"{case.input}: the header claims a volume of shape {shape} ({size / 2**30:.1f} GiB as "
                          f"float32), over the {MAX_VOLUME_BYTES / 2**30:.0f} GiB limit.")
 
 
-def _check_dicom_positions(case: Case) -> tuple[int, ...]:
-    """The series' shape from its headers; a missing slice (a gap in the positions) or a duplicate is an error."""
+# header fields every slice of a series must share; numbers compared within an absolute tolerance
+SERIES_FIELDS = {"Rows": 0, "Columns": 0, "PixelSpacing": 1e-3, "ImageOrientationPatient": 1e-4, "BitsAllocated": 0,
+                 "PixelRepresentation": 0, "SamplesPerPixel": 0}
+IN_PLANE_TOLERANCE = 0.1  # of a pixel: how far a slice's position may stray from the line along the slice normal
+SPACING_TOLERANCE = 0.1  # of the median step: how far one step between neighbouring slices may differ from it
+
+
+def _series_headers(case: Case) -> list[tuple[str, object]]:
     import pydicom
 
-    positions, shape = [], ()
+    headers = []
     for name in sorted(os.listdir(case.input)):
         path = os.path.join(case.input, name)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
-            continue  # not DICOM: ignored, as in discovery
-        if str(getattr(ds, "SeriesInstanceUID", "") or "") != case.series_uid or "ImagePositionPatient" not in ds:
-            continue
-        orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-        normal = np.cross(orientation[:3], orientation[3:])
-        positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64))))
-        shape = (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
-    if not positions:
+            continue  # not DICOM (reported by discovery when it claims to be)
+        if str(getattr(ds, "SeriesInstanceUID", "") or "") == case.series_uid:
+            headers.append((path, ds))
+    return headers
+
+
+def _field(ds, name: str):
+    value = ds.get(name)
+    if value is None:
+        return None
+    return tuple(float(v) for v in value) if name in ("PixelSpacing", "ImageOrientationPatient") else int(value)
+
+
+def _check_same_fields(headers: list[tuple[str, object]]) -> None:
+    """Every slice has the series' value (its most common one) of each field in ``SERIES_FIELDS``."""
+    for name, tolerance in SERIES_FIELDS.items():
+        values = [_field(ds, name) for _, ds in headers]
+        common = max(set(values), key=values.count)
+        for (path, _), value in zip(headers, values):
+            same = value == common or (isinstance(value, tuple) and isinstance(common, tuple)
+                                       and len(value) == len(common)
+                                       and np.allclose(value, common, rtol=0, atol=tolerance))
+            if not same:
+                raise ValueError(f"{path}: {name} is {value} where the other slices of the series have {common}; "
+                                 f"the slices do not form one volume.")
+
+
+def check_dicom_series(case: Case) -> tuple[int, ...]:
+    """The series' shape from its headers, after checking that its slices form one regular grid: the same
+    ``SERIES_FIELDS``, positions on one line along the slice normal, even steps (no gap, no duplicate). Multi-frame
+    (enhanced) files are refused by name."""
+    headers = _series_headers(case)
+    for path, ds in headers:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise ValueError(f"{path}: an enhanced (multi-frame) DICOM file of {frames} frames, which this tool does "
+                             f"not read; convert it to NIfTI (e.g. dcm2niix) or to single-frame slices first.")
+    positioned = [(path, ds) for path, ds in headers if "ImagePositionPatient" in ds]
+    if not positioned:
         raise ValueError(f"{case.input}: no DICOM image slices with a position were found for this series.")
-    positions.sort()
+    if len(positioned) < len(headers):  # pydicom reads a truncated file's header as far as it goes, without a word
+        incomplete = next(path for path, ds in headers if "ImagePositionPatient" not in ds)
+        raise ValueError(f"{incomplete}: a file of this series without ImagePositionPatient (a truncated or damaged "
+                         f"slice, or not an image); the series would be incomplete.")
+    headers = positioned
+    _check_same_fields(headers)
+    orientation = np.asarray(headers[0][1].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    axes = np.stack([orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:])])
+    coords = np.asarray([axes @ np.asarray(ds.ImagePositionPatient, dtype=np.float64) for _, ds in headers])
+    pixel = min(_field(headers[0][1], "PixelSpacing") or (1.0,))
+    off_line = np.abs(coords[:, :2] - np.median(coords[:, :2], axis=0)).max(axis=1)
+    if off_line.max() > max(IN_PLANE_TOLERANCE * pixel, 1e-2):
+        worst = int(off_line.argmax())
+        raise ValueError(f"{headers[worst][0]}: ImagePositionPatient lies {off_line[worst]:.2f} mm off the line of the "
+                         f"other slices along the slice normal; the slices do not form one volume.")
+    order = np.argsort(coords[:, 2], kind="stable")
+    positions = coords[order, 2]
     steps = np.diff(positions)
     if len(steps):
         spacing = float(np.median(steps))
@@ -324,7 +422,13 @@ def _check_dicom_positions(case: Case) -> tuple[int, ...]:
             raise ValueError(f"{case.input}: missing slice(s) between positions {positions[i]:.2f} and "
                              f"{positions[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); a slice file is missing "
                              f"or unreadable.")
-    return (*shape, len(positions))
+        uneven = np.flatnonzero(np.abs(steps - spacing) > SPACING_TOLERANCE * spacing)
+        if len(uneven):
+            i = int(uneven[0])
+            raise ValueError(f"{headers[order[i + 1]][0]}: uneven slice spacing, {steps[i]:.2f} mm from the previous "
+                             f"slice where the series' spacing is {spacing:.2f} mm.")
+    rows, columns = _field(headers[0][1], "Rows") or 0, _field(headers[0][1], "Columns") or 0
+    return rows, columns, len(positions)
 
 
 def _duplicate_positions_message(case: Case) -> str:
@@ -343,10 +447,31 @@ def _duplicate_positions_message(case: Case) -> str:
             f"(split it into one folder per volume).")
 
 
+SQUEEZED_KEY = "litemed_squeezed_from"  # meta key: the shape a volume had before its trailing size-1 dimensions went
+
+
+def squeeze_trailing_dims(image):
+    """A NIfTI volume of shape (x, y, z, 1) or (x, y, z, 1, 1), as some converters write one 3D volume, as (x, y, z);
+    the shape it had is kept in its meta for the case's message. Real 4D data is left for :func:`check_volume`."""
+    original = tuple(image.shape)
+    while image.ndim > 3 and image.shape[-1] == 1:
+        image = image.squeeze(-1)
+    if tuple(image.shape) != original:
+        image.meta["original_channel_dim"] = "no_channel"  # the dropped dimension was no channel
+        image.meta[SQUEEZED_KEY] = original
+    return image
+
+
 def volume_warning(image) -> str:
-    """A message for input that is valid but suspicious (segmented anyway)."""
+    """A message for input that is valid but suspicious or was adapted (segmented anyway)."""
+    notes = []
+    if SQUEEZED_KEY in getattr(image, "meta", {}):
+        notes.append(f"note: trailing size-1 dimensions squeezed, shape {image.meta[SQUEEZED_KEY]} read as "
+                     f"{tuple(image.shape)}")
     low, high = float(image.min()), float(image.max())
-    return f"warning: every voxel is {low:g}; the volume holds no image" if low == high else ""
+    if low == high:
+        notes.append(f"warning: every voxel is {low:g}; the volume holds no image")
+    return "; ".join(notes)
 
 
 def save_label(label, output_path: str) -> None:
@@ -450,11 +575,11 @@ def take_volume(item: dict):
 
 
 def plan(input: str, output_dir: str, dicom_seg: bool = False, overlay: bool = False,
-         overwrite: bool = False) -> tuple[list[Case], list[Case]]:
+         overwrite: bool = False, ignored: list[str] | None = None) -> tuple[list[Case], list[Case]]:
     """Every case under INPUT with its output paths in OUTPUT_DIR, and the cases still to do: a case whose label (and
     DICOM SEG, when asked for) exists is complete and skipped, unless ``overwrite``. Both engines run exactly these
-    cases."""
-    cases = discover(input)
+    cases. Files that are neither NIfTI nor DICOM are appended to ``ignored``."""
+    cases = discover(input, ignored)
     if not cases:
         raise UsageError(f"{input}: no NIfTI files or DICOM series found.")
     for case in cases:
@@ -508,8 +633,8 @@ class Summary:
     """The summary rows of a batch: a skipped row for each complete case, then one row per case as it finishes;
     summary.csv and summary.json are rewritten (atomically) after each, so a killed run leaves what finished."""
 
-    def __init__(self, output_dir: str, cases: list[Case], todo: list[Case]) -> None:
-        self.output_dir, self.cases = output_dir, cases
+    def __init__(self, output_dir: str, cases: list[Case], todo: list[Case], ignored_files: int = 0) -> None:
+        self.output_dir, self.cases, self.ignored_files = output_dir, cases, ignored_files
         pending = {case.name for case in todo}
         self.results = {case.name: Result(case.name, case.input, "skipped", case.outputs["label"], 0.0, "output exists")
                         for case in cases if case.name not in pending}
@@ -525,14 +650,17 @@ class Summary:
     def finish(self) -> int:
         """Write the final summary and log the counts; the exit code (1 when any case failed)."""
         self.progress.close()
-        return finish_batch(self.output_dir, [self.results[c.name] for c in self.cases if c.name in self.results])
+        return finish_batch(self.output_dir, [self.results[c.name] for c in self.cases if c.name in self.results],
+                            ignored_files=self.ignored_files)
 
 
-def finish_batch(output_dir: str, results: list[Result], unit: str = "cases") -> int:
-    """Write the final summary of a batch and log its counts; the exit code (1 when any case failed)."""
+def finish_batch(output_dir: str, results: list[Result], unit: str = "cases", ignored_files: int = 0) -> int:
+    """Write the final summary of a batch and log its counts (and the files skipped as neither NIfTI nor DICOM);
+    the exit code (1 when any case failed)."""
     write_summary(output_dir, results)
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
-    log.info("%d %s: %d ok, %d skipped, %d failed", len(results), unit, *counts.values())
+    ignored = f"; {ignored_files} other files (neither NIfTI nor DICOM) ignored" if ignored_files else ""
+    log.info("%d %s: %d ok, %d skipped, %d failed%s", len(results), unit, *counts.values(), ignored)
     return 1 if counts["failed"] else 0
 
 
@@ -550,9 +678,10 @@ def run(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overl
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     check_output_dir(output_dir)
-    cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite)
+    ignored: list[str] = []
+    cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite, ignored)
     runner = BundleRunner(bundle_dir, device, engine=engine, overrides=overrides)
-    summary = Summary(output_dir, cases, todo)
+    summary = Summary(output_dir, cases, todo, len(ignored))
     for case, item in _ReadAhead(todo, runner.load, num_workers):
         summary.record(process_case(runner, case, item))
     return summary.finish()
@@ -582,8 +711,9 @@ def _run_on_ray(bundle_dir: str, input: str, output_dir: str, device: str, overl
         apply_overrides(parser, overrides, config_file)
     with ray_engine.connect(ray_address):
         check_output_dir(output_dir)
-        cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite)
-        summary = Summary(output_dir, cases, todo)
+        ignored: list[str] = []
+        cases, todo = plan(input, output_dir, dicom_seg, overlay, overwrite, ignored)
+        summary = Summary(output_dir, cases, todo, len(ignored))
         settings = {"bundle_dir": bundle_dir, "device": device, "engine": engine, "num_threads": num_threads,
                     "overrides": overrides or {}}
         ray_engine.process_all(todo, settings, summary.record)
@@ -615,6 +745,26 @@ def _image2d_segmentation_run(bundle_dir: str):
     return segment2d if is_image2d_segmentation_bundle(bundle_dir) else None
 
 
+def check_device(device: str) -> None:
+    """A usage error unless torch can run on ``device`` here (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    import torch
+
+    try:
+        chosen = torch.device(str(device))
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: not a device name torch knows (cpu, cuda, cuda:N).") from e
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine; run with --device cpu.")
+        if chosen.index is not None and chosen.index >= count:
+            raise UsageError(f"--device {device}: torch sees {count} CUDA GPU(s), numbered 0 to {count - 1}.")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; run with --device cpu.")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: this tool runs on cpu, cuda or mps.")
+
+
 def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", overlay: bool = False,
          num_threads: int = 0, num_workers: int = 0, dicom_seg: bool = False, engine: str | None = None,
          ray_address: str | None = None, overwrite: bool = False, **overrides) -> None:
@@ -629,6 +779,8 @@ def main(bundle_dir: str, input: str, output_dir: str, device: str = "cpu", over
     of the bundle's inference config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        if not ray_address:  # on a cluster the workers' devices count, not the driver's
+            check_device(device)
         code = (_classification_run(bundle_dir) or _image2d_segmentation_run(bundle_dir) or run)(
             bundle_dir, input, output_dir, device, overlay, num_threads, num_workers, dicom_seg, engine, ray_address,
             overrides=overrides, overwrite=overwrite)

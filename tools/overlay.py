@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -73,11 +70,6 @@ def save_overlay(image, label, path: str, names: dict[int, str], count: int = 3)
     scale = max(1, 600 // max(picture.size[1], 1))
     if scale > 1:
         picture = picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.NEAREST)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".png")
-    os.close(handle)
-    try:
-        picture.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from networks.data import write_atomic_with
+
+    write_atomic_with(path, lambda tmp: picture.save(tmp, format="PNG"), ".png")
