@@ -76,6 +76,20 @@ def test_per_case_metrics_of_each_bundle_kind(tmp_path):
     assert [c["metric"] for c in read_case_metrics(str(tmp_path / "cls"))[0]] == [1.0, 0.0]
 
 
+def test_two_runs_in_one_folder_are_refused(tmp_path):
+    import fcntl
+
+    from tools.crossval import crossval
+
+    datalist = _blob_dataset(tmp_path / "data")
+    (tmp_path / "cv").mkdir()
+    with open(tmp_path / "cv" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another crossval run is using this folder"):
+            crossval(os.path.join(BUNDLES, "dsb2018_litenext_segmentation"), str(datalist), 2, str(tmp_path / "cv"))
+    assert not (tmp_path / "cv" / "folds.json").exists()
+
+
 def _blob_dataset(root, n=8):
     items = []
     y, x = np.mgrid[:40, :48]

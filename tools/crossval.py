@@ -28,7 +28,9 @@ checkpoint (the bundle's own ``models/checkpoints``). ``--parallel N`` runs N fo
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import math
@@ -239,9 +241,30 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
         raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
     output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
     key_lists = [s.strip() for s in lists.split(",")] if isinstance(lists, str) else list(lists)
-    folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction))
+    with _exclusive(output):
+        folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction))
+        command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
+                            f"--folds {folds} --lists {','.join(key_lists)} --seed {seed} --val_fraction {val_fraction}",
+                            *(f"--{k} {v}" for k, v in overrides.items())])
+        return _run_folds(bundle, output, folders, int(folds), int(parallel), overrides, command)
+
+
+@contextlib.contextmanager
+def _exclusive(output: str):
+    """Hold OUTPUT/.lock: two runs in one folder would train the same folds into the same files."""
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ValueError(f"{output}: another crossval run is using this folder.") from e
+        yield
+
+
+def _run_folds(bundle: str, output: str, folders: list[str], folds: int, parallel: int, overrides: dict,
+               command: str) -> dict:
     results, failed = {}, []
-    with ThreadPoolExecutor(max_workers=max(1, int(parallel))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {k: pool.submit(run_fold, bundle, folder, overrides) for k, folder in enumerate(folders)}
         for k, future in futures.items():
             try:
@@ -250,9 +273,7 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
             except Exception as e:  # one failed fold is reported; the others go on
                 log.error("fold %d failed: %s", k, e)
                 failed.append(k)
-    command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
-                        f"--folds {folds}", *(f"--{k} {v}" for k, v in overrides.items())])
-    summary = write_tables(output, bundle, int(folds), results, command) if results else {}
+    summary = write_tables(output, bundle, folds, results, command) if results else {}
     return {**summary, "failed_folds": failed, "output": output}
 
 
