@@ -114,6 +114,40 @@ def test_glas_instances_become_binary_and_test_sets_stay_test(tmp_path):
     np.testing.assert_array_equal(mask, (anno > 0).astype(np.uint8))
 
 
+def test_glas_png_copy_with_binary_masks_and_patients_from_grade_csv(tmp_path):
+    """The copy found here: images/<name>.png + labels/<name>.png ({0, 255}), Grade.csv naming each image's patient;
+    GlaS's split names are kept, test sets stay test, and training/validation never share a patient."""
+    src = tmp_path / "glas"
+    shape = (30, 40)
+    mask = np.zeros(shape, np.uint8)
+    mask[5:15, 8:30] = 255
+    rows = ["name,patient ID,grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
+    for i in range(1, 9):
+        _save(_rgb(shape, i), str(src / "images" / f"train_{i}.png"))
+        _save(mask, str(src / "labels" / f"train_{i}.png"))
+        rows.append(f"train_{i},{(i + 1) // 2}, benign, healthy")
+    _save(_rgb(shape, 20), str(src / "images" / "testB_3.png"))
+    _save(mask, str(src / "labels" / "testB_3.png"))
+    rows.append("testB_3,2, malignant, adenomatous")
+    (src / "Grade.csv").write_text("\n".join(rows) + "\n")
+    datalist = prepare("glas", str(src), str(tmp_path / "out"))
+    assert [(i["case"], i["split"], i["group"]) for i in datalist["test"]] == [("testB_3", "testB", "patient_2")]
+    training, validation = datalist["training"], datalist["validation"]
+    assert len(training) + len(validation) == 8 and validation
+    assert not {i["group"] for i in training} & {i["group"] for i in validation}
+    assert {i["split"] for i in training + validation} == {"train"}
+    np.testing.assert_array_equal(_read(tmp_path / "out" / training[0]["label"]), (mask > 0).astype(np.uint8))
+
+
+def test_glas_real_copy_converts(tmp_path):
+    datalist = prepare("glas", shared_data("glas"), str(tmp_path / "out"))
+    assert len(datalist["test"]) == 7 and {i["split"] for i in datalist["test"]} == {"testB"}
+    assert len(datalist["training"]) + len(datalist["validation"]) == 24 and not datalist["failed"]
+    assert all(i.get("group", "").startswith("patient_") for i in datalist["training"] + datalist["validation"])
+    mask = _read(tmp_path / "out" / datalist["test"][0]["label"])
+    assert set(np.unique(mask)) == {0, 1} and 0.05 < mask.mean() < 0.95
+
+
 def test_isic2018_task1_layout(tmp_path):
     src = tmp_path / "isic"
     for i in range(4):
@@ -224,6 +258,52 @@ def test_sunnybrook_contours_become_masks(tmp_path):
     assert _read(tmp_path / "o" / "masks" / "SC-N-02_IM-0001-0020.png").sum() > 1600
     image = _read(tmp_path / "i" / "images" / "SC-N-02_IM-0001-0020.png")
     assert image.shape == (*shape, 3) and np.array_equal(image[..., 0], image[..., 2])  # grey replicated
+
+
+def test_sunnybrook_repackaged_layout(tmp_path):
+    """link.csv + dicoms/<patient_id>/<frame>.dcm + contourfiles/<original_id>/{i,o}-contours/: contour NNNN goes
+    with frame int(NNNN); the patient is the original id; i-contours by default, o-contours with contour='o'."""
+    src = tmp_path / "final_data"
+    shape = (64, 64)
+    square = [(20.0, 20.0), (40.0, 20.0), (40.0, 40.0), (20.0, 40.0)]
+    links = {"SCD0000101": "SC-HF-I-1", "SCD0000301": "SC-HF-I-4"}
+    (src).mkdir(parents=True)
+    (src / "link.csv").write_text("patient_id,original_id\n" + "".join(f"{k},{v}\n" for k, v in links.items()))
+    for patient, original in links.items():
+        for frame in (7, 48):
+            image = np.zeros(shape, np.int64)
+            (image[21:40, 21:40] if frame == 48 else image[2:12, 2:12])[...] = 3000  # which frame is which
+            _dicom(src / "dicoms" / patient / f"{frame}.dcm", image)
+            for kind, points in (("i", square), ("o", [(10, 10), (50, 10), (50, 50), (10, 50)])):
+                folder = src / "contourfiles" / original / f"{kind}-contours"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"IM-0001-{frame:04d}-{kind}contour-manual.txt").write_text(
+                    "\n".join(f"{x:.2f} {y:.2f}" for x, y in points) + "\n")
+    (src / "dicoms" / "SCD0000301" / "48.dcm").unlink()  # a contour without its frame is reported and skipped
+    inner = prepare("sunnybrook", str(src), str(tmp_path / "i"), fractions=(0.5, 0.5, 0))
+    outer = prepare("sunnybrook", str(src), str(tmp_path / "o"), fractions=(0.5, 0.5, 0), contour="o")
+    items = _all_items(inner)
+    assert sorted(i["case"] for i in items) == ["SC-HF-I-1_IM-0001-0007", "SC-HF-I-1_IM-0001-0048",
+                                                 "SC-HF-I-4_IM-0001-0007"]
+    assert {i["group"] for i in items} == {"SC-HF-I-1", "SC-HF-I-4"}
+    assert not {i["group"] for i in inner["training"]} & {i["group"] for i in inner["validation"]}
+    image = _read(tmp_path / "i" / "images" / "SC-HF-I-1_IM-0001-0048.png")
+    assert image[30, 30, 0] == 255 and _read(tmp_path / "i" / "images" / "SC-HF-I-1_IM-0001-0007.png")[30, 30, 0] == 0
+    mask = _read(tmp_path / "i" / "masks" / "SC-HF-I-1_IM-0001-0048.png")
+    assert mask[30, 30] == 1 and mask[5, 5] == 0 and 400 <= mask.sum() <= 450
+    assert _read(tmp_path / "o" / "masks" / "SC-HF-I-1_IM-0001-0048.png").sum() > 1600
+
+
+def test_sunnybrook_real_repackaging_converts(tmp_path):
+    datalist = prepare("sunnybrook", shared_data("sunnybrook"), str(tmp_path / "out"))
+    items = _all_items(datalist)
+    assert len(items) == 78 and not datalist["failed"]
+    assert {i["group"] for i in items} == {"SC-HF-I-1", "SC-HF-I-4", "SC-HF-I-5", "SC-HF-I-6"}
+    sides = [{i["group"] for i in datalist[k]} for k in ("training", "validation", "test")]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    item = items[0]
+    mask, image = _read(tmp_path / "out" / item["label"]), _read(tmp_path / "out" / item["image"]).mean(-1)
+    assert image[mask > 0].mean() > 1.5 * image.mean()  # the LV cavity is the bright blood pool
 
 
 def test_contour_file_errors_name_the_file(tmp_path):

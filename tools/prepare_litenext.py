@@ -13,8 +13,10 @@ Layouts read (searched recursively under SOURCE):
 
 * ``dsb2018``: Kaggle ``stage1_train/<id>/images/<id>.png`` + ``<id>/masks/*.png`` (one mask per nucleus, merged), or
   the 96x96 preprocessing ``images/<id>.png`` + ``masks/0/<id>.png`` (or ``masks/<id>.png``; masks thresholded at 127).
-* ``glas``: ``train_XX.bmp`` + ``train_XX_anno.bmp`` (instance labels; any label > 0 is gland); ``testA_*``/``testB_*``
-  form the test list (the challenge's test sets), ``train_*`` is split into training and validation.
+* ``glas``: ``train_XX.bmp`` + ``train_XX_anno.bmp`` (instance labels; any label > 0 is gland), or PNG copies with
+  binary masks of the same name in a ``labels/`` (or ``masks/``) folder; ``testA_*``/``testB_*`` form the test list
+  (the challenge's test sets), ``train_*`` is split into training and validation by patient (``Grade.csv``); each
+  item keeps its GlaS split name as ``split``.
 * ``isic2018``: ISIC 2018 Task 1 or ISIC 2017 Part 1, ``ISIC_XXXXXXX.jpg`` + ``ISIC_XXXXXXX_segmentation.png`` paired
   by id; a mask of another size than its image is resized to the image's with nearest-neighbour.
 * ``ph2``: ``IMDXXX/IMDXXX_Dermoscopic_Image/IMDXXX.bmp`` + ``IMDXXX/IMDXXX_lesion/IMDXXX_lesion.bmp``; the diagnosis
@@ -23,7 +25,9 @@ Layouts read (searched recursively under SOURCE):
   ``IM-SSSS-NNNN-icontour-manual.txt`` (``x y`` per line, pixel coordinates); ``--contour i`` (default) masks the LV
   cavity inside the i-contour (endocardium), ``--contour o`` the whole LV inside the o-contour (epicardium). The
   patient is the folder that holds ``contours-manual`` (or the contour file's top folder under SOURCE); images are
-  matched by name within the same patient folder.
+  matched by name within the same patient folder. The common repackaging is read too: ``link.csv`` (``patient_id``,
+  ``original_id``), ``dicoms/<patient_id>/<frame>.dcm`` and ``contourfiles/<original_id>/{i,o}-contours/
+  IM-0001-NNNN-{i,o}contour-manual.txt``, contour NNNN going with frame int(NNNN); the patient is the original id.
 * ``lungxray``: Montgomery (``CXR_png/MCUCXR_XXXX_N.png`` + ``ManualMask/leftMask/`` and ``rightMask/`` of the same
   name), Shenzhen (``CXR_png/CHNCXR_XXXX_N.png`` + ``mask/CHNCXR_XXXX_N_mask.png``) and JSRT converted to PNG with
   the SCR masks (``.../left lung/JPCLN001.gif`` + ``.../right lung/JPCLN001.gif``): the mask is left | right lung.
@@ -35,6 +39,7 @@ Each file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import os
@@ -113,7 +118,7 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
             failed.append({"case": pair["case"], "message": message})
             continue
         item = {"image": image_path, "label": mask_path, "case": pair["case"]}
-        item.update({k: pair[k] for k in ("stratum", "group") if k in pair})
+        item.update({k: pair[k] for k in ("stratum", "group", "split") if k in pair})
         converted.append((item, pair.get("subset")))
     training, validation, test = assign_splits(converted, fractions, seed)
     datalist = write_datalist(os.path.join(output, "datalist.json"), training, validation, test, dataset=dataset,
@@ -158,16 +163,47 @@ def dsb2018_pairs(source: str) -> list[Pair]:
     return pairs
 
 
+def _glas_patients(source: str) -> dict[str, str]:
+    """Image name -> patient id from the release's ``Grade.csv`` (``name,patient ID,...``), when present."""
+    patients = {}
+    for path in _walk(source):
+        if os.path.basename(path).lower() == "grade.csv":
+            with open(path, newline="", errors="replace") as f:
+                for row in csv.reader(f):
+                    if len(row) >= 2 and re.fullmatch(r"(train|testA|testB)_\d+", row[0].strip(), re.IGNORECASE):
+                        patients[row[0].strip()] = f"patient_{row[1].strip()}"
+    return patients
+
+
 def glas_pairs(source: str) -> list[Pair]:
-    """GlaS: ``<split>_<n>.bmp`` + ``<split>_<n>_anno.bmp``; testA/testB are the test list."""
+    """GlaS: the original release, ``<split>_<n>.bmp`` + ``<split>_<n>_anno.bmp`` (integer gland ids, any id > 0 is
+    gland), or a copy of PNG images with binary masks of the same name in another folder (``images/train_1.png`` +
+    ``labels/train_1.png``, or ``<name>_anno.png``). testA/testB form the test list; the split name is kept as
+    ``split`` and the patient from ``Grade.csv`` as ``group``, so training and validation never share a patient."""
+    files = _walk(source)
+    patients = _glas_patients(source)
+    images, masks = {}, {}
+    for path in files:
+        stem, ext = _stem(path), os.path.splitext(path)[1].lower()
+        if ext not in (".bmp", ".png"):
+            continue
+        if stem.lower().endswith("_anno"):
+            masks[stem[: -len("_anno")]] = path
+        elif re.search(r"(^|[\\/])(labels?|masks?|annotations?|gt|ground_?truth)[\\/]", os.path.relpath(path, source),
+                       re.IGNORECASE):
+            masks.setdefault(stem, path)
+        else:
+            images.setdefault(stem, path)
     pairs = []
-    for image in _walk(source):
-        match = re.fullmatch(r"(train|testA|testB)_(\d+)\.bmp", os.path.basename(image), re.IGNORECASE)
+    for case, image in sorted(images.items()):
+        match = re.fullmatch(r"(train|testA|testB)_(\d+)", case, re.IGNORECASE)
         if not match:
             continue
-        anno = os.path.join(os.path.dirname(image), f"{_stem(image)}_anno.bmp")
-        pairs.append(Pair(case=_stem(image), image=image, masks=[anno] if os.path.isfile(anno) else [],
-                          subset="test" if match.group(1).lower().startswith("test") else None))
+        pair = Pair(case=case, image=image, masks=[masks[case]] if case in masks else [], split=match.group(1),
+                    subset="test" if match.group(1).lower().startswith("test") else None)
+        if case in patients:
+            pair["group"] = patients[case]
+        pairs.append(pair)
     return pairs
 
 
@@ -225,12 +261,52 @@ def contour_mask(contour_file: str, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
+def _sunnybrook_links(files: Sequence[str]) -> dict[str, str]:
+    """Original id (SC-HF-I-1) -> the repackaging's patient folder (SCD0000101) from its ``link.csv``."""
+    links = {}
+    for path in files:
+        if os.path.basename(path).lower() == "link.csv":
+            with open(path, newline="", errors="replace") as f:
+                for row in csv.DictReader(f):
+                    if row.get("patient_id") and row.get("original_id"):
+                        links[row["original_id"].strip()] = row["patient_id"].strip()
+    return links
+
+
+def _sunnybrook_repackaged_pairs(source: str, files: Sequence[str], links: dict[str, str], contour: str) -> list[Pair]:
+    """The common repackaging: ``link.csv``, ``dicoms/<patient_id>/<frame>.dcm`` and
+    ``contourfiles/<original_id>/<contour>-contours/IM-0001-NNNN-<contour>contour-manual.txt`` (NNNN is the frame)."""
+    frames = {}
+    for path in files:
+        parts = os.path.relpath(path, source).split(os.sep)
+        if len(parts) >= 2 and re.fullmatch(r"\d+\.dcm", parts[-1], re.IGNORECASE):
+            frames[(parts[-2], int(_stem(path)))] = path
+    pairs = []
+    for path in files:
+        match = re.fullmatch(rf"IM-\d+-(\d+)-{contour}contour-manual\.txt", os.path.basename(path))
+        original = os.path.relpath(path, source).split(os.sep)
+        original = next((p for p in original if p in links), None)
+        if not match or original is None:
+            continue
+        image = frames.get((links[original], int(match.group(1))))
+        if image is None:
+            log.error("skipped %s: no frame %s.dcm for patient %s (%s)", path, int(match.group(1)), original,
+                      links[original])
+            continue
+        pairs.append(Pair(case=f"{original}_{_stem(path)[: -len(f'-{contour}contour-manual')]}", image=image,
+                          group=original, masks=lambda shape, c=path: contour_mask(c, shape)))
+    return pairs
+
+
 def sunnybrook_pairs(source: str, contour: str = "i") -> list[Pair]:
     """Sunnybrook: each ``IM-SSSS-NNNN-<contour>contour-manual.txt`` with the DICOM ``IM-SSSS-NNNN(.dcm)`` of its
-    patient."""
+    patient (the original release), or the common repackaging with ``link.csv``."""
     if contour not in ("i", "o"):
         raise ValueError(f"contour must be 'i' (endocardium) or 'o' (epicardium), got {contour!r}.")
     files = _walk(source)
+    links = _sunnybrook_links(files)
+    if links:
+        return _sunnybrook_repackaged_pairs(source, files, links, contour)
     pairs = []
     for path in files:
         match = re.fullmatch(rf"(IM-\d+-\d+)-{contour}contour-manual\.txt", os.path.basename(path))
