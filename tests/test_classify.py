@@ -131,3 +131,23 @@ def test_usage_errors_exit_2(problem, random_weight_classifier, tmp_path, capsys
     expected = {"segmentation_option": "--overlay", "ray_address": "--ray_address", "no_images": "no 2D images",
                 "other_classes": "other classes", "no_such_id": "--imgae_size"}
     assert expected[problem] in capsys.readouterr().err
+
+
+def test_colour_mode_carries_no_label(tmp_path):
+    """SARS-CoV-2 CT release: 79 COVID images are RGB, every other image RGBA. The loader turns both into the same
+    RGB, so an RGB and an RGBA copy of one real image get the same probabilities from the shipped classifier."""
+    from PIL import Image
+
+    from conftest import SARSCOV2, shared_data
+
+    folder = shared_data("sarscov2_ct", "non-COVID")
+    original = Image.open(os.path.join(folder, sorted(os.listdir(folder))[0]))
+    assert original.mode == "RGBA"
+    source = tmp_path / "in"
+    source.mkdir()
+    original.save(source / "as_rgba.png")
+    original.convert("RGB").save(source / "as_rgb.png")
+    original.convert("RGB").convert("RGBA").save(source / "rgb_back_to_rgba.png")
+    assert run(SARSCOV2, str(source), str(tmp_path / "out")) == 0
+    rows = {r["case"]: r for r in _csv(tmp_path / "out" / "predictions.csv")}
+    assert len(rows) == 3 and len({(r["p_non_covid"], r["p_covid"]) for r in rows.values()}) == 1, rows

@@ -66,17 +66,32 @@ def test_covid_ct_real_sample_split_by_source_paper(tmp_path):
     assert prep.ucsd_source("65%1.jpg", covid=False) == "65"
 
 
-def test_sarscov2_layout_without_patient_ids(tmp_path, capsys):
+def test_sarscov2_runs_of_neighbouring_numbers_stay_together(tmp_path, capsys):
     src = tmp_path / "sarscov2"
-    for i in range(20):
-        make_photo(src / "COVID" / f"Covid ({i + 1}).png", 1, seed=i, mode="L")
-        make_photo(src / "non-COVID" / f"Non-Covid ({i + 1}).png", 0, seed=i, mode="L")
+    for i in range(60):
+        make_photo(src / "COVID" / f"Covid ({i * 3 + 1}).png", 1, seed=i, mode="RGB" if i % 2 else "RGBA")
+        make_photo(src / "non-COVID" / f"Non-Covid ({i * 3 + 2}).png", 0, seed=i, mode="RGBA")
     lists = _lists(prep.sarscov2(str(src), str(tmp_path / "out")))
     _check_disjoint_and_stratified(lists, ["non_covid", "covid"])
-    assert len({i["group"] for v in lists.values() for i in v}) == 40  # no patient id: one group per image
-    assert "no patient id" in capsys.readouterr().out
+    groups = {i["group"] for v in lists.values() for i in v}
+    assert groups == {f"{c}/run {n}" for c in ("covid", "non_covid") for n in range(9)}  # numbers 1-179, blocks of 20
+    owner = {}
+    for name, items in lists.items():
+        for item in items:
+            assert owner.setdefault(item["group"], name) == name
+    assert "runs of 20 neighbouring image numbers" in capsys.readouterr().out
+    assert prep.sarscov2_run("Covid (104).png", 20) == "run 5" and prep.sarscov2_run("x.png", 20) == "x.png"
     with pytest.raises(FileNotFoundError, match="non-COVID"):
         prep.sarscov2(str(src / "COVID"), str(tmp_path / "bad"))
+
+
+def test_sarscov2_real_release_converts(tmp_path):
+    path = prep.sarscov2(shared_data("sarscov2_ct"), str(tmp_path / "out"))
+    with open(path) as f:
+        datalist = json.load(f)
+    assert sum(len(datalist[k]) for k in ("training", "validation", "test")) == 327
+    sides = [{i["group"] for i in datalist[k]} for k in ("training", "validation", "test")]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
 
 
 def test_covid19_ct_slices_published_layout_split_by_patient(tmp_path):

@@ -12,9 +12,10 @@ source paper when no patient id exists) on one side and each class in the same p
 * ``covid_ct``: UCSD COVID-CT, ``CT_COVID/`` and ``CT_NonCOVID/`` (directly or under ``Images-processed/``); group =
   the source paper (COVID: the name before ``-p<page>`` or ``%``) or source group (non-COVID: the name before
   ``%``). Classes: 0 non_covid, 1 covid.
-* ``sarscov2``: SARS-CoV-2 CT-scan dataset (Soares et al.), ``COVID/`` and ``non-COVID/`` folders of PNGs. It has
-  no patient id, so every image is its own group: slices of one patient can fall on both sides of the split, which
-  makes held-out numbers optimistic. Classes: 0 non_covid, 1 covid.
+* ``sarscov2``: SARS-CoV-2 CT-scan dataset (Soares et al.), ``COVID/Covid (N).png`` and ``non-COVID/Non-Covid
+  (N).png``. It has no patient id; neighbouring numbers are likely one patient, so runs of ``--block`` (20)
+  neighbouring numbers form a group, a stand-in for patients. Images are RGB or RGBA: the loader turns every one
+  into the same RGB (opaque alpha dropped), so the colour mode carries no label. Classes: 0 non_covid, 1 covid.
 * ``covid19_ct_slices``: Large COVID-19 CT scan slice dataset (Maftouni et al.), ``curated_data/curated_data/``
   with ``1NonCOVID/``, ``2COVID/``, ``3CAP/`` and the ``meta_data_normal.csv``, ``meta_data_covid.csv``,
   ``meta_data_cap.csv`` tables (``File name``, ``Patient ID``); group = the patient id (an image missing from the
@@ -124,19 +125,26 @@ def covid_ct(src: str, out_dir: str, fractions=FRACTIONS, seed: int = SEED) -> s
                   fractions, seed)
 
 
-def sarscov2(src: str, out_dir: str, fractions=FRACTIONS, seed: int = SEED) -> str:
-    """SARS-CoV-2 CT-scan dataset: ``SRC/COVID/*.png`` and ``SRC/non-COVID/*.png``. The dataset publishes no patient
-    id, so the split is per image (slices of one patient may be on both sides)."""
+def sarscov2_run(path: str, block: int) -> str:
+    """The stand-in patient of ``Covid (N).png`` / ``Non-Covid (N).png``: its block of ``block`` neighbouring numbers
+    (N // block), per class; a name without a number is its own group."""
+    number = re.search(r"\((\d+)\)", os.path.basename(path))
+    return f"run {int(number.group(1)) // block}" if number else os.path.basename(path)
+
+
+def sarscov2(src: str, out_dir: str, fractions=FRACTIONS, seed: int = SEED, block: int = 20) -> str:
+    """SARS-CoV-2 CT-scan dataset: ``SRC/COVID/*.png`` and ``SRC/non-COVID/*.png``. The release publishes no patient
+    id; neighbouring numbers are likely slices of one patient, so runs of ``block`` neighbouring numbers stay on one
+    side of the split (a stand-in for patients, not a guarantee)."""
     items = []
     for label, (class_name, names) in enumerate((("non_covid", ("non-COVID", "non_COVID", "NonCOVID")),
                                                  ("covid", ("COVID",)))):
         folder = _class_folder(src, names)
-        items += _items(folder, label, class_name, lambda p, c=class_name: f"{c}/{os.path.basename(p)}")
-    log.warning("SARS-CoV-2 CT-scan dataset: no patient id is published; the split is per image, so slices of one "
-                "patient can be on both sides and held-out numbers are optimistic.")
-    print("note: no patient id in this dataset; split per image (held-out numbers are optimistic).")
+        items += _items(folder, label, class_name, lambda p, c=class_name: f"{c}/{sarscov2_run(p, int(block))}")
+    print(f"note: no patient id in this dataset; runs of {block} neighbouring image numbers stay together instead.")
     return _write(out_dir, items, ["non_covid", "covid"], "SARS-CoV-2 CT-scan dataset",
-                  "none: the dataset has no patient id; one group per image", fractions, seed)
+                  f"stand-in for patients: runs of {block} neighbouring image numbers per class (N // {block}); the "
+                  "release has no patient id", fractions, seed)
 
 
 COVID19_SLICES = (("normal", "1NonCOVID", "meta_data_normal.csv"), ("covid", "2COVID", "meta_data_covid.csv"),
