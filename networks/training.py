@@ -10,7 +10,7 @@ import re
 
 import torch
 
-__all__ = ["as_bool", "latest_checkpoint", "read_weights", "slice_loader", "with_weights"]
+__all__ = ["as_bool", "handlers_for_rank", "latest_checkpoint", "read_weights", "slice_loader", "with_weights"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -99,3 +99,21 @@ def slice_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs):
         raise ValueError(f"num_workers must be 0 for a stream of slices (ShuffleBuffer over GridPatchDataset), got "
                          f"{num_workers}: MONAI's worker split drops slices (Project-MONAI/MONAI#7986).")
     return DataLoader(dataset, batch_size=batch_size, num_workers=0, **kwargs)
+
+
+def handlers_for_rank(handlers: list | None) -> list:
+    """The handlers this process should attach in distributed training: all of them on rank 0 (and without
+    ``torch.distributed``), on every other rank only those that write nothing, chosen by type: checkpoint savers,
+    loggers (``StatsHandler``, TensorBoard, MLflow, ClearML), progress bars and metric savers stay on rank 0, so one
+    process writes each file. Entries that are None (disabled) are dropped."""
+    import torch.distributed as dist
+    from ignite.handlers import ProgressBar
+    from monai.handlers import (CheckpointSaver, ClearMLHandler, MetricsSaver, MLFlowHandler, StatsHandler,
+                                TensorBoardHandler)
+
+    handlers = [h for h in (handlers or []) if h is not None]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return handlers
+    writers = (CheckpointSaver, StatsHandler, TensorBoardHandler, MLFlowHandler, ClearMLHandler, MetricsSaver,
+               ProgressBar)
+    return [h for h in handlers if not isinstance(h, writers)]

@@ -204,18 +204,38 @@ def test_every_training_option_trains_and_tracks_to_mlflow(tmp_path, synthetic_d
         assert len(losses) == 2 and all(np.isfinite(losses)), losses  # 6 images at batch 3: 2 iterations
 
 
-def test_multi_gpu_train_on_cpu_with_gloo(tmp_path, synthetic_dataset):
+@pytest.mark.parametrize("validation", [True, False], ids=["validated", "no_validation_data"])
+def test_multi_gpu_train_on_cpu_with_gloo_writes_from_rank_0_only(tmp_path, synthetic_dataset, validation):
+    """torchrun, 2 processes: both train, only rank 0 saves checkpoints and writes logs (handlers chosen by type,
+    ``networks.training.handlers_for_rank``), with validation (best model kept) and without (final model saved)."""
     bundle = _bundle_copy(tmp_path, "dsb2018_litenext_segmentation")
+    if not validation:
+        datalist = json.loads((synthetic_dataset / "datalist.json").read_text())
+        datalist["validation"] = []
+        (synthetic_dataset / "datalist.json").write_text(json.dumps(datalist))
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    logs = tmp_path / "rank_logs"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         "--master_port=29519", "-m", "monai.bundle", "run", "training", "--config_file",
+         f"--master_port={29519 + validation}", "--log-dir", str(logs), "--redirects", "3", "--tee", "3",
+         "-m", "monai.bundle", "run", "training", "--config_file",
          "['configs/train.json','configs/multi_gpu_train.json']", "--dataset_dir", str(synthetic_dataset),
          "--bundle_root", ".", "--image_size", "[32, 32]", "--num_threads", "1", "--train#dataloader#batch_size", "3",
          "--train#trainer#max_epochs", "1"], cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert os.listdir(bundle / "models" / "checkpoints") == ["checkpoint_epoch=1.pt"]
     assert (bundle / "models" / "model.pt").is_file()
+    by_rank = {}
+    for folder, _, files in os.walk(logs):
+        if "stderr.log" in files:
+            text = "".join(open(os.path.join(folder, f)).read() for f in ("stdout.log", "stderr.log"))
+            by_rank[int(os.path.basename(folder))] = text
+    assert sorted(by_rank) == [0, 1]
+    assert "Saved checkpoint" in by_rank[0] and ("Metrics --" in by_rank[0]) == validation  # StatsHandler's line
+    assert "Epoch[1] Complete" in by_rank[1]  # rank 1 trains (ignite's own log line), and writes nothing
+    assert "Saved checkpoint" not in by_rank[1] and "Metrics --" not in by_rank[1]
+    events = [name for name in os.listdir(bundle / "eval") if name.startswith("events.out.tfevents")]
+    assert events and len({name.split(".")[-2] for name in events}) == 1  # TensorBoard files of one process (pid)
 
 
 @pytest.mark.parametrize("validation", [True, False], ids=["interval_past_max_epochs", "no_validation_data"])

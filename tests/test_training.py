@@ -148,6 +148,30 @@ def test_weight_average_is_validated_kept_and_resumed(bundle):
     assert len(savers) == 2 and all(h["save_dict"] == {"model": average} for h in savers)
     loader, saver = train["train"]["resume_handlers"]
     assert loader["load_dict"]["ema_model"] == average == saver["save_dict"]["ema_model"]
+    assert train["training"] == "@run"  # one path: `monai.bundle run training` is `run` after `initialize`
     for config in (train, multi_gpu):
-        for key in ("run", "training"):
-            assert [step for step in config[key] if "@ema.attach(@train#trainer" in step] == [config[key][-2]]
+        assert [step for step in config["run"] if "@ema.attach(@train#trainer" in step] == [config["run"][-2]]
+
+
+def test_handlers_for_rank_keeps_writers_on_rank_zero_only(monkeypatch):
+    """Chosen by type, not position: on rank 1 checkpoint savers, loggers and progress bars go, the rest stays."""
+    import torch.distributed as dist
+    from ignite.handlers import ProgressBar
+    from monai.handlers import (CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler,
+                                TensorBoardStatsHandler, ValidationHandler)
+
+    from networks.training import handlers_for_rank
+
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    keep = [LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, 1)), ValidationHandler(1),
+            CheckpointLoader("unused.pt", {"net": net})]
+    writers = [CheckpointSaver(".", {"net": net}), StatsHandler(), ProgressBar()]
+    handlers = [writers[0], keep[0], None, writers[1], keep[1], writers[2], keep[2]]
+    assert handlers_for_rank(handlers) == [h for h in handlers if h is not None]  # not distributed: all
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert handlers_for_rank(handlers) == keep
+    assert not handlers_for_rank([TensorBoardStatsHandler.__new__(TensorBoardStatsHandler)])
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert handlers_for_rank(handlers) == [h for h in handlers if h is not None]
