@@ -125,11 +125,9 @@ def main(shape: str | tuple = "512,512,150", threads: int = 2, repeats: int = 2,
         lines.append(f"| {name} | {row['seconds']:.1f} | {unet['seconds'] / row['seconds']:.2f} | "
                      f"{row['peak_mib']:.0f} | {row['setup']:.1f} |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".tmp_")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp_path, output)
+    from networks.data import write_atomic
+
+    write_atomic(output, text)
     print(text)
 
 

@@ -148,11 +148,9 @@ def main(cases: int = 16, shape: str | tuple = "128,128,32", workers: str | tupl
                       f"{one['first'] - base['first']:+.1f} s of start-up before the first case finishes."]
     text = "\n".join(lines) + "\n"
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".tmp_")
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(tmp_path, output)
+        from networks.data import write_atomic
+
+        write_atomic(output, text)
     print(text)
 
 
