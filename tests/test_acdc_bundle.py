@@ -117,6 +117,56 @@ def test_original_nifti_layout_with_info_cfg(tmp_path, capsys):
     assert [c["patient"] for c in test] == [101, 101] and test[0]["group"] == "NOR"
 
 
+def _original_layout_patient(root, patient, group, dtype=np.int16, es=2):
+    folder = root / "training" / f"patient{patient:03d}"
+    folder.mkdir(parents=True)
+    (folder / "Info.cfg").write_text(f"ED: 1\nES: {es}\nGroup: {group}\nHeight: 170.0\nNbFrame: 4\nWeight: 70.0\n")
+    image, label = make_mr_volume(seed=patient)
+    for frame in (1, es):
+        stem = folder / f"patient{patient:03d}_frame{frame:02d}"
+        nib.save(nib.Nifti1Image(image.astype(dtype), np.diag([1.3, 1.3, 8.0, 1.0])), f"{stem}.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.diag([1.3, 1.3, 8.0, 1.0])), f"{stem}_gt.nii.gz")
+
+
+def test_both_layouts_in_one_datalist_with_a_validation_per_group(tmp_path, capsys):
+    """SSL4MIS h5 files and the original layout together (as ../shared/data/acdc + acdc_nifti); a patient in both
+    comes from the original files; image dtypes as the release mixes them; one validation patient per pathology group
+    whichever subset holds it (the shipped weights' where present)."""
+    h5_dir, original = tmp_path / "h5", tmp_path / "acdc_nifti"
+    h5_dir.mkdir()
+    for patient in (2, 5, 30, 61, 64):  # DCM, DCM, HCM, NOR, NOR by the training set's ordering
+        image, label = make_mr_volume(seed=patient)
+        for frame in (1, 2):
+            with h5py.File(h5_dir / f"patient{patient:03d}_frame{frame:02d}.h5", "w") as f:
+                f["image"] = (image.transpose(2, 1, 0) / image.max()).astype(np.float32)
+                f["label"] = label.transpose(2, 1, 0).astype(np.uint8)
+    for patient, group, dtype in ((5, "DCM", np.int16), (9, "DCM", np.float32), (46, "MINF", np.uint8),
+                                  (50, "MINF", np.int16), (92, "RV", np.float32)):
+        _original_layout_patient(original, patient, group, dtype)
+    path = prepare_acdc.both(str(h5_dir), str(original), str(tmp_path / "out"))
+    assert "patients in both folders" in capsys.readouterr().out
+    datalist = json.load(open(path))
+    items = {(c["patient"], c["phase"]): c for k in ("training", "validation", "test") for c in load_datalist(path, k)}
+    assert sorted({p for p, _ in items}) == [2, 5, 9, 30, 46, 50, 61, 64, 92]
+    assert items[(5, "ED")]["image"] == str(original / "training" / "patient005" / "patient005_frame01.nii.gz")
+    assert items[(2, "ES")]["image"].endswith(os.path.join("imagesTr", "patient002_ES.nii.gz"))
+    assert {c["group"] for c in items.values()} == {"DCM", "HCM", "MINF", "NOR", "RV"}
+    chosen = datalist["validation_patients"]
+    assert len(chosen) == 5 and 2 in chosen  # one per group; patient 2 is the shipped weights' DCM validation
+    assert len({items[(p, "ED")]["group"] for p in chosen}) == 5
+    assert {c["patient"] for c in load_datalist(path, "validation")} == set(chosen)
+    assert datalist["duplicates_from_nifti"] == [5]
+    assert prepare_acdc.both(str(h5_dir), str(original), str(tmp_path / "again")) and \
+        json.load(open(tmp_path / "again" / "datalist.json"))["validation_patients"] == chosen  # reproducible
+
+
+def test_real_samples_of_both_layouts_give_48_patients(tmp_path):
+    path = prepare_acdc.both(shared_data("acdc"), shared_data("acdc_nifti"), str(tmp_path / "out"))
+    patients = {c["patient"] for k in ("training", "validation", "test") for c in load_datalist(path, k)}
+    assert len(patients) == 48
+    assert json.load(open(path))["validation_patients"] == [2, 28, 59, 68, 85]
+
+
 def test_normalisation_serves_raw_mri_and_unit_scaled_data_alike():
     from monai.bundle import ConfigParser
 
