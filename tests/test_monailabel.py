@@ -10,6 +10,12 @@ equal to this repository's own pipeline (tools/infer.py) and with structures lab
 labelled samples and writes new weights. The server's process group is stopped by its PID in any case. Where strace
 works, every connect() of the server and its children is recorded, and none may leave loopback.
 
+Which bundles: every ``bundles/*_segmentation`` with ``models/model.pt`` whose input is a volume (a ``SliceInferer``
+or a 3D ``spatial_shape``); the sample volume comes from ``../shared/data`` by modality (``tests/bundle_samples.py``:
+the TotalSegmentator CT for CT bundles, an ACDC volume for cardiac MR), and a new volume bundle whose modality has no
+sample there fails rather than being skipped. ``tests/test_export_bundle.py`` runs each exported bundle with
+``python -m monai.bundle run`` in a venv without the repository and checks that ``networks`` came from the bundle.
+
 Without the environment the test skips, except under CI=true, where it fails.
 """
 
