@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
-           "write_atomic", "write_atomic_with", "write_json_atomic", "write_nifti_atomic", "write_png_atomic", "write_datalist",
+           "write_atomic", "write_atomic_with", "write_json_atomic", "write_nifti_atomic", "write_png_atomic",
+           "write_datalist",
            "load_datalist", "TMP_PREFIX"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)

@@ -72,7 +72,8 @@ def test_per_case_metrics_of_each_bundle_kind(tmp_path):
     assert cases == [{"case": "c1", "metric": pytest.approx(0.8)}, {"case": "c2", "metric": 0.8}]
     assert structures == {"LV": pytest.approx(0.85), "RV": 0.7}
     (tmp_path / "cls").mkdir()
-    (tmp_path / "cls" / "predictions.csv").write_text("image,label,prediction,p_a,p_b\nx/1.png,a,a,1,0\n2.png,b,a,1,0\n")
+    (tmp_path / "cls" / "predictions.csv").write_text(
+        "image,label,prediction,p_a,p_b\nx/1.png,a,a,1,0\n2.png,b,a,1,0\n")
     assert [c["metric"] for c in read_case_metrics(str(tmp_path / "cls"))[0]] == [1.0, 0.0]
 
 

@@ -182,7 +182,8 @@ def _edit_slice(series, index, **changes):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("Rows", 256), ("Columns", 384), ("PixelSpacing", [0.7, 0.7]), ("ImageOrientationPatient", [1, 0, 0, 0, 0.96, 0.28]),
+    ("Rows", 256), ("Columns", 384), ("PixelSpacing", [0.7, 0.7]),
+    ("ImageOrientationPatient", [1, 0, 0, 0, 0.96, 0.28]),
     ("BitsAllocated", 8), ("PixelRepresentation", lambda ds: 1 - int(ds.PixelRepresentation)), ("SamplesPerPixel", 3)])
 def test_a_slice_that_does_not_fit_its_series_fails_naming_file_and_field(random_weight_bundle, tmp_path, field,
                                                                           value):

@@ -283,6 +283,7 @@ def test_sunnybrook_repackaged_layout(tmp_path):
     inner = prepare("sunnybrook", str(src), str(tmp_path / "i"), fractions=(0.5, 0.5, 0))
     outer = prepare("sunnybrook", str(src), str(tmp_path / "o"), fractions=(0.5, 0.5, 0), contour="o")
     items = _all_items(inner)
+    assert [i["case"] for i in _all_items(outer)] == [i["case"] for i in items]
     assert sorted(i["case"] for i in items) == ["SC-HF-I-1_IM-0001-0007", "SC-HF-I-1_IM-0001-0048",
                                                  "SC-HF-I-4_IM-0001-0007"]
     assert {i["group"] for i in items} == {"SC-HF-I-1", "SC-HF-I-4"}
@@ -377,7 +378,8 @@ def test_isic2017_layout_masks_at_another_size_are_resized_nearest(tmp_path):
     pair = Pair(case="c", image=str(src / "ISIC-2017_Training_Data" / "ISIC_0000000.jpg"),
                 masks=[str(src / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000000_segmentation.png")])
     datalist = convert([pair], str(tmp_path / "strict"), "ph2", fractions=(1, 0, 0))
-    assert "differs from image" in datalist["failed"][0]["message"] and "ISIC_0000000.jpg" in datalist["failed"][0]["message"]
+    message = datalist["failed"][0]["message"]
+    assert "differs from image" in message and "ISIC_0000000.jpg" in message
 
 
 def test_isic2017_real_pairs_convert(tmp_path):
@@ -386,7 +388,8 @@ def test_isic2017_real_pairs_convert(tmp_path):
     layout = tmp_path / "isic2017"
     for name in sorted(os.listdir(src))[:5]:
         case = name[: -len("_segmentation.png")]
-        for folder, file in (("ISIC-2017_Training_Part1_GroundTruth", name), ("ISIC-2017_Training_Data", f"{case}.jpg")):
+        for folder, file in (("ISIC-2017_Training_Part1_GroundTruth", name),
+                             ("ISIC-2017_Training_Data", f"{case}.jpg")):
             os.makedirs(layout / folder, exist_ok=True)
             os.symlink(os.path.join(os.path.dirname(src), folder, file), layout / folder / file)
     datalist = prepare("isic2018", str(layout), str(tmp_path / "out"), fractions=(1, 0, 0))

@@ -1,4 +1,6 @@
-"""K-fold cross-validation of any bundle with its own configs: ``python tools/crossval.py BUNDLE_DIR DATALIST --folds K``.
+"""K-fold cross-validation of any bundle with its own configs.
+
+``python tools/crossval.py BUNDLE_DIR DATALIST --folds K [--ID VALUE ...]``.
 
 The cases of DATALIST's ``training`` and ``validation`` lists (``--lists`` to change; the ``test`` list stays
 untouched by default) are split into K folds by patient or case group: the ``patient`` key when the items have one,
@@ -161,8 +163,8 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     eval_dir = os.path.join(fold_dir, "eval_test")
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
           "['configs/inference.json','configs/evaluate.json']", "--meta_file", "configs/metadata.json", *common,
-          "--eval_split", "test", "--output_dir", eval_dir, *_args({k: v for k, v in overrides.items() if "#" not in k})],
-         bundle, log_path)
+          "--eval_split", "test", "--output_dir", eval_dir,
+          *_args({k: v for k, v in overrides.items() if "#" not in k})], bundle, log_path)
     cases, structures = read_case_metrics(eval_dir)
     values = [c["metric"] for c in cases]
     result = {"cases": cases, "structures": structures, "n": len(values),
@@ -244,7 +246,8 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
     with _exclusive(output):
         folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction))
         command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
-                            f"--folds {folds} --lists {','.join(key_lists)} --seed {seed} --val_fraction {val_fraction}",
+                            f"--folds {folds} --lists {','.join(key_lists)} --seed {seed}",
+                            f"--val_fraction {val_fraction}",
                             *(f"--{k} {v}" for k, v in overrides.items())])
         return _run_folds(bundle, output, folders, int(folds), int(parallel), overrides, command)
 

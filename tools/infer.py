@@ -11,9 +11,9 @@ checked before any voxel is read: a volume over 4 GiB as float32 is refused, and
 do not form one regular grid (:func:`check_dicom_series`: the same Rows, Columns, PixelSpacing, ImageOrientationPatient,
 BitsAllocated, PixelRepresentation and SamplesPerPixel; positions on one line along the slice normal; even steps, no
 gap or duplicate; every file of the series with a position, so a truncated slice is caught) or that is an enhanced
-multi-frame file. A file that claims to be DICOM (``.dcm``/``.dicom``/``.ima``
-or the DICM preamble) but cannot be parsed is a failed row of its own, and fails the series of its folder; other
-files are ignored and counted in the last log line. A NIfTI of shape (x, y, z, 1) or (x, y, z, 1, 1) is read as
+multi-frame file. A file that claims to be DICOM (``.dcm``/``.dicom``/``.ima`` or the DICM preamble) but cannot be
+parsed is a failed row of its own, and fails the series of its folder; other files are ignored and counted in the
+last log line. A NIfTI of shape (x, y, z, 1) or (x, y, z, 1, 1) is read as
 (x, y, z) (the row's message says so). ``--device cuda`` where torch sees no GPU is a usage error.
 
 The bundle's own ``configs/inference.json`` decides the network, preprocessing, inferer and postprocessing (the
@@ -126,17 +126,15 @@ def _dicom_series(folder: str, unreadable: list[Case], ignored: list[str]) -> di
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
             is_dicom = "SOPClassUID" in header or "SeriesInstanceUID" in header or bool(header.file_meta)
+            problem = "" if is_dicom else "no DICOM header"
         except Exception as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if problem:
             if claims_dicom(path):
-                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-                unreadable.append(Case("", path, "unreadable", problem=f"claims to be DICOM but cannot be parsed "
-                                                                       f"({detail})"))
+                unreadable.append(Case("", path, "unreadable",
+                                       problem=f"claims to be DICOM but cannot be parsed ({problem})"))
             else:
                 ignored.append(path)
-            continue
-        if not is_dicom:
-            (unreadable.append(Case("", path, "unreadable", problem="claims to be DICOM but cannot be parsed (no DICOM header)"))
-             if claims_dicom(path) else ignored.append(path))
             continue
         # files without a SeriesInstanceUID (anonymised exports) form one series per folder, keyed ""
         series.setdefault(str(getattr(header, "SeriesInstanceUID", "") or ""), folder)
