@@ -77,18 +77,24 @@ def case_id(item: dict) -> str:
     return str(item.get("case") or os.path.basename(str(item["image"])))
 
 
+def _grouped_split(items: Sequence[dict], fractions: Sequence[float], seed: int) -> list[list[dict]]:
+    """``grouped_stratified_split`` with this tool's groups (:func:`group_key`, else each case alone) and strata."""
+    groups = group_key(items)
+    rows = [{**item, "_group": item[groups] if groups else f"case {i}", "_stratum": stratum}
+            for i, (item, stratum) in enumerate(zip(items, _strata(items, groups)))]
+    parts = grouped_stratified_split(rows, fractions, seed, group_key="_group", label_key="_stratum")
+    return [[{k: v for k, v in row.items() if not k.startswith("_")} for row in part] for part in parts]
+
+
 def split_folds(items: Sequence[dict], folds: int, seed: int = 0) -> list[list[dict]]:
     """``folds`` lists of ``items``: every item in exactly one, every group in one, strata spread evenly."""
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}.")
     groups = group_key(items)
-    rows = [{**item, "_group": item[groups] if groups else f"case {i}", "_stratum": stratum}
-            for i, (item, stratum) in enumerate(zip(items, _strata(items, groups)))]
-    if len({row["_group"] for row in rows}) < folds:
-        raise ValueError(f"{folds} folds need at least {folds} patients or case groups; found "
-                         f"{len({row['_group'] for row in rows})}.")
-    parts = grouped_stratified_split(rows, [1.0] * folds, seed, group_key="_group", label_key="_stratum")
-    return [[{k: v for k, v in row.items() if not k.startswith("_")} for row in part] for part in parts]
+    found = len({item[groups] for item in items}) if groups else len(items)
+    if found < folds:
+        raise ValueError(f"{folds} folds need at least {folds} patients or case groups; found {found}.")
+    return _grouped_split(items, [1.0] * folds, seed)
 
 
 def fold_lists(parts: Sequence[Sequence[dict]], k: int, val_fraction: float, seed: int) -> tuple[list, list, list]:
@@ -96,14 +102,8 @@ def fold_lists(parts: Sequence[Sequence[dict]], k: int, val_fraction: float, see
     rest = [item for i, part in enumerate(parts) if i != k for item in part]
     if val_fraction <= 0:
         return rest, [], list(parts[k])
-    groups = group_key(rest)
-    rows = [{**item, "_group": item[groups] if groups else f"case {i}", "_stratum": stratum}
-            for i, (item, stratum) in enumerate(zip(rest, _strata(rest, groups)))]
-    training, validation = grouped_stratified_split(rows, [1 - val_fraction, val_fraction], seed + 1 + k,
-                                                    group_key="_group", label_key="_stratum")
-    clean = [[{k2: v for k2, v in row.items() if not k2.startswith("_")} for row in part]
-             for part in (training, validation)]
-    return clean[0], clean[1], list(parts[k])
+    training, validation = _grouped_split(rest, [1 - val_fraction, val_fraction], seed + 1 + k)
+    return training, validation, list(parts[k])
 
 
 # --------------------------------------------------------------------------------------------------- per-case metric
