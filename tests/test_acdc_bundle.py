@@ -3,7 +3,6 @@ inference on NIfTI and DICOM series (multi-phase cine refused, then split per ph
 
 import json
 import os
-import sys
 
 import h5py
 import nibabel as nib
@@ -12,11 +11,10 @@ import pytest
 
 from conftest import BUNDLES, REPO, copy_with_random_weights, shared_data
 
-sys.path.insert(0, REPO)
-from networks.data import ACDC_H5_SPACING, load_datalist  # noqa: E402
-from tools import prepare_acdc  # noqa: E402
-from tools.infer import run  # noqa: E402
-from tools.split_cine_phases import cine_phases, split  # noqa: E402
+from networks.data import ACDC_H5_SPACING, load_datalist
+from tools import prepare_acdc
+from networks.batch.runners import run
+from tools.split_cine_phases import cine_phases, split
 
 ACDC = os.path.join(BUNDLES, "acdc_ltmednext_segmentation")
 
@@ -266,7 +264,7 @@ def test_shipped_weights_on_a_validation_patient(tmp_path):
     runner (the bundle's default inference). Floors about 0.1 below the values measured with the docs/README.md
     evaluation (RV 0.91 / 0.93, MYO 0.80 / 0.85, LV 0.94 / 0.88 for ED / ES)."""
     from networks.evaluation import dice
-    from tools.infer import BundleRunner, Case
+    from networks.batch.volumes import Case, VolumeSegmenter
 
     src = shared_data("acdc")
     subset = tmp_path / "h5"
@@ -274,7 +272,7 @@ def test_shipped_weights_on_a_validation_patient(tmp_path):
     for frame in ("01", "02"):
         os.symlink(os.path.join(src, f"patient085_frame{frame}.h5"), subset / f"patient085_frame{frame}.h5")
     path = prepare_acdc.h5(str(subset), str(tmp_path / "data"), validation=(85,))
-    runner = BundleRunner(ACDC)
+    runner = VolumeSegmenter(ACDC)
     scores = []
     for item in load_datalist(path, "validation"):
         pred = np.asarray(runner(Case(item["case"], item["image"], "nifti")))[0]  # (1, x, y, z) -> (x, y, z)

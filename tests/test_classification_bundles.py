@@ -150,22 +150,21 @@ def test_monai_runner_inference_writes_class_probabilities(synthetic_photos, ran
 @pytest.mark.parametrize("bundle,layout", [(MONKEYPOX, "monkeypox"), (SARSCOV2, "covid_ct")],
                          ids=["monkeypox", "sarscov2"])
 def test_shipped_weights_reproduce_the_documented_test_metrics(bundle, layout, tmp_path):
-    """The shipped weights, through tools/classify.py's loader, on the held-out test split (patients/sources never
+    """The shipped weights, through the engine's classifier (networks.batch.images), on the held-out test split (patients/sources never
     trained or selected on) give the accuracy and AUC that metadata and docs/README.md state: catches broken or
     swapped weights and preprocessing drift between training, evaluation and inference."""
-    sys.path.insert(0, REPO)
     import numpy as np
 
     from networks.classification import classification_metrics
     from networks.data import load_datalist
     from tools import prepare_classification
-    from tools.classify import ClassifierRunner
+    from networks.batch.images import ImageClassifier
 
     with open(os.path.join(bundle, "configs", "metadata.json")) as f:
         expected = json.load(f)["eval_metrics"]
     path = getattr(prepare_classification, layout)(shared_data(layout), str(tmp_path / "data"))
     test = load_datalist(path, "test")
-    runner = ClassifierRunner(bundle)
+    runner = ImageClassifier(bundle)
     probabilities = runner.predict([runner.load(item["image"]) for item in test])
     labels = [item["label"] for item in test]
     result = classification_metrics(labels, np.asarray(probabilities), len(runner.class_names))

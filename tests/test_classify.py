@@ -1,4 +1,4 @@
-"""tools/infer.py with a classification bundle (tools/classify.py): 2D image discovery, predictions.csv with one
+"""tools/infer.py with a classification bundle (networks.batch.images and runners): 2D image discovery, predictions.csv with one
 probability column per class, summary, a corrupt image as one failed row, reruns that skip, exit codes."""
 
 import csv
@@ -12,8 +12,9 @@ import pytest
 
 from conftest import COVID19_SLICES, REPO, make_photo
 
-sys.path.insert(0, REPO)
-from tools.classify import ClassifierRunner, discover, is_classification_bundle, run  # noqa: E402
+from networks.batch.core import CLASSIFICATION, BundleSpec
+from networks.batch.images import ImageClassifier, discover
+from networks.batch.runners import run
 
 INFER = os.path.join(REPO, "tools", "infer.py")
 
@@ -73,16 +74,16 @@ def test_probabilities_are_the_bundle_networks_own(random_weight_classifier, tmp
 
     source = _images(tmp_path / "in")
     assert run(str(random_weight_classifier), str(source), str(tmp_path / "out"), batch_size=2) == 0
-    runner = ClassifierRunner(str(random_weight_classifier))
+    runner = ImageClassifier(str(random_weight_classifier))
     image = runner.load(str(source / "b.jpg"))
     assert tuple(image.shape) == (3, 224, 224) and 0 <= float(image.min()) and float(image.max()) <= 1
     with torch.no_grad():
         expected = torch.softmax(runner.network(image[None].as_subclass(torch.Tensor)), 1)[0].numpy()
     row = {r["case"]: r for r in _csv(tmp_path / "out" / "predictions.csv")}["b"]
     np.testing.assert_allclose([float(row["p_others"]), float(row["p_monkeypox"])], expected, atol=1e-5)
-    onnx = ClassifierRunner(str(random_weight_classifier), engine="onnx")
+    onnx = ImageClassifier(str(random_weight_classifier), engine="onnx")
     np.testing.assert_allclose(onnx.predict([image]), runner.predict([image]), atol=1e-4)
-    smaller = ClassifierRunner(str(random_weight_classifier), overrides={"image_size": [64, 64]})  # --image_size
+    smaller = ImageClassifier(str(random_weight_classifier), overrides={"image_size": [64, 64]})  # --image_size
     assert tuple(smaller.load(str(source / "b.jpg")).shape) == (3, 64, 64)
 
 
@@ -96,12 +97,12 @@ def test_discovery_names_and_single_files(tmp_path):
     assert [(c.name, os.path.basename(c.input)) for c in cases] == [("x_jpg", "x.jpg"), ("x_png", "x.png"),
                                                                     ("sub dir__y", "y.tiff")]
     assert [c.name for c in discover(str(source / "x.png"))] == ["x"]
-    assert is_classification_bundle(COVID19_SLICES) and not is_classification_bundle(
-        os.path.join(REPO, "bundles", "synapse_ltmednext_segmentation"))
+    assert BundleSpec(COVID19_SLICES).kind == CLASSIFICATION and BundleSpec(
+        os.path.join(REPO, "bundles", "synapse_ltmednext_segmentation")).kind != CLASSIFICATION
 
 
 def test_usage_error_from_the_script_exits_2(tmp_path):
-    """Run as a script, tools/infer.py and tools/classify.py share one UsageError: a bundle without weights is exit 2."""
+    """Run as a script, tools/infer.py turns the engine's UsageError into exit 2: a bundle without weights."""
     result = _infer(COVID19_SLICES, _images(tmp_path / "in"), tmp_path / "out")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr and "no trained weights" in result.stderr

@@ -15,9 +15,8 @@ from PIL import Image
 
 from conftest import BUNDLES, REPO
 
-sys.path.insert(0, REPO)
-from networks.data import write_datalist  # noqa: E402
-from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds  # noqa: E402
+from networks.data import write_datalist
+from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds
 
 
 def _patients_items(n_patients=13, seed=0):

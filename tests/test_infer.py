@@ -13,8 +13,8 @@ import pytest
 
 from conftest import REPO, make_ct_volume, shared_data
 
-sys.path.insert(0, REPO)
-from tools.infer import Case, discover, run  # noqa: E402
+from networks.batch.runners import run
+from networks.batch.volumes import Case, discover
 
 
 def _summary(folder):
@@ -355,9 +355,9 @@ def test_kill_9_mid_batch_loses_nothing_and_the_rerun_finishes(random_weight_bun
 def test_onnx_engine_matches_torch(random_weight_bundle, tmp_path):
     import torch
 
-    from tools.infer import BundleRunner
+    from networks.batch.volumes import VolumeSegmenter
 
-    eager, onnx = BundleRunner(str(random_weight_bundle)), BundleRunner(str(random_weight_bundle), engine="onnx")
+    eager, onnx = VolumeSegmenter(str(random_weight_bundle)), VolumeSegmenter(str(random_weight_bundle), engine="onnx")
     x = torch.rand(3, 1, 224, 224)
     with torch.no_grad():
         assert float((onnx.network(x) - eager.network(x)).abs().max()) < 1e-4
@@ -391,13 +391,14 @@ def test_command_line_sets_ids_of_the_inference_config(random_weight_bundle, tmp
     """``--keep_largest_component false`` reaches the bundle's postprocessing, as with ``monai.bundle run``; an id the
     config does not have is a usage error naming it, before any case runs."""
     from networks.transforms import KeepLargestComponentPerLabeld
-    from tools.infer import BundleRunner, main
+    from networks.batch.volumes import VolumeSegmenter
+    from tools.infer import main
 
     def keeps_largest(runner):
         return any(isinstance(t, KeepLargestComponentPerLabeld) for t in runner.postprocessing.transforms)
 
-    assert keeps_largest(BundleRunner(str(random_weight_bundle)))
-    assert not keeps_largest(BundleRunner(str(random_weight_bundle), overrides={"keep_largest_component": "false"}))
+    assert keeps_largest(VolumeSegmenter(str(random_weight_bundle)))
+    assert not keeps_largest(VolumeSegmenter(str(random_weight_bundle), overrides={"keep_largest_component": "false"}))
     source = _nifti(tmp_path / "ct.nii.gz", make_ct_volume()[0])
     with pytest.raises(SystemExit) as code:
         main(str(random_weight_bundle), source, str(tmp_path / "out"), keep_largest_component="false")

@@ -16,9 +16,8 @@ from PIL import Image
 
 from conftest import BUNDLES, REPO
 
-sys.path.insert(0, REPO)
-from networks.data import write_datalist  # noqa: E402
-from networks.segmentation2d import (BinarySegmentationReport, binary_metrics, eval_transforms,  # noqa: E402
+from networks.data import write_datalist
+from networks.segmentation2d import (BinarySegmentationReport, binary_metrics, eval_transforms,
                                      summarise_metrics, train_transforms)
 
 LITENEXT_BUNDLES = [f"{name}_litenext_segmentation" for name in
@@ -324,8 +323,8 @@ def test_infer_writes_one_mask_per_image_with_its_size(tmp_path, random_litenext
     assert not [n for n in os.listdir(out) if n.startswith(".tmp_")]
 
     os.remove(out / "rgb_seg.png")
-    from tools.infer import UsageError
-    from tools.segment2d import run
+    from networks.batch.core import UsageError
+    from networks.batch.runners import run
 
     assert run(str(random_litenext_bundle), str(inputs), str(out)) == 1  # in-process: the same path, faster
     with open(out / "summary.csv") as f:

@@ -3,7 +3,6 @@ each image's size that match the real annotations (a regression guard well below
 bundles' docs/README.md)."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +10,9 @@ from PIL import Image
 
 from conftest import BUNDLES, REPO, shared_data
 
-sys.path.insert(0, REPO)
-from networks.segmentation2d import binary_metrics, read_mask  # noqa: E402
-from tools.prepare_litenext import dsb2018_pairs, ph2_pairs, split_of  # noqa: E402
-from tools.segment2d import run  # noqa: E402
+from networks.segmentation2d import binary_metrics, read_mask
+from tools.prepare_litenext import dsb2018_pairs, ph2_pairs, split_of
+from networks.batch.runners import run
 
 CASES = {  # bundle, sample folder, pairs of its layout, split fractions of the bundle's datalist, guard on mean Dice
     "dsb2018": ("dsb2018_litenext_segmentation", "dsb2018", dsb2018_pairs, (0.8, 0.1, 0.1), 0.75),

@@ -104,7 +104,7 @@ def _check_label(label_path: str, image_path: str, bundle: str, expected: np.nda
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", volume_bundles(), ids=os.path.basename)
 def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
-    from tools.infer import BundleRunner, Case
+    from networks.batch.volumes import Case, VolumeSegmenter
 
     name = os.path.basename(bundle)
     samples = labelled_volumes(bundle, str(tmp_path / "samples"))
@@ -130,7 +130,7 @@ def test_bundle_in_monailabel_server(bundle, mlpython, tmp_path):
         shutil.copy(label, studies / "labels" / "final" / f"{key}.nii.gz")
 
     # what this repository's own pipeline gives on the same files, to compare the server's answers with
-    runner = BundleRunner(bundle, "cpu")
+    runner = VolumeSegmenter(bundle, "cpu")
     expected = {key: np.asarray(runner(Case(key, samples[key][0], "nifti")))[0].astype(np.int64) for key in samples}
 
     port = _free_port()

@@ -4,7 +4,6 @@ stratified training/validation/test lists (real samples where they exist here, s
 import csv
 import json
 import os
-import sys
 from collections import Counter
 
 import numpy as np
@@ -12,10 +11,9 @@ import pytest
 
 from conftest import REPO, make_photo, shared_data
 
-sys.path.insert(0, REPO)
-from tools import prepare_classification as prep  # noqa: E402
+from tools import prepare_classification as prep
 
-from networks.data import load_datalist  # noqa: E402
+from networks.data import load_datalist
 
 
 def _lists(datalist_file):

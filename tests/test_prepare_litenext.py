@@ -3,7 +3,6 @@ images/ + 0/1 masks/ + a seeded datalist; bad pairs are reported by name and ski
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,8 +10,7 @@ from PIL import Image
 
 from conftest import REPO, shared_data
 
-sys.path.insert(0, REPO)
-from tools.prepare_litenext import Pair, contour_mask, convert, main, prepare  # noqa: E402
+from tools.prepare_litenext import Pair, contour_mask, convert, main, prepare
 
 
 def _disc(shape, center, radius):

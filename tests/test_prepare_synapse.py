@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import h5py
 import nibabel as nib
@@ -11,9 +10,8 @@ import pytest
 
 from conftest import REPO, shared_data
 
-sys.path.insert(0, REPO)
-from networks.data import btcv_to_synapse, load_datalist  # noqa: E402
-from tools import prepare_synapse  # noqa: E402
+from networks.data import btcv_to_synapse, load_datalist
+from tools import prepare_synapse
 
 
 def test_btcv_to_synapse_mapping():

@@ -29,8 +29,8 @@ if importlib.util.find_spec("ray") is None:
         pytest.fail('Ray is not installed in CI; .ci/run must pip install -e ".[distributed]"', pytrace=False)
     pytest.skip('Ray is not installed; pip install -e ".[distributed]" (CI installs it)', allow_module_level=True)
 
-sys.path.insert(0, REPO)
-from tools.infer import UsageError, run  # noqa: E402
+from networks.batch.core import UsageError
+from networks.batch.runners import run
 
 INFER = os.path.join(REPO, "tools", "infer.py")
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
@@ -353,7 +353,7 @@ def test_unreachable_or_malformed_address_exits_2_quickly_writing_nothing(cluste
 
 def test_a_worker_loads_the_bundle_once_for_many_cases(ray_env, random_weight_bundle):
     from networks.transforms import KeepLargestComponentPerLabeld
-    from tools import ray_engine
+    from networks.batch import ray_engine
 
     settings = {"bundle_dir": str(random_weight_bundle), "device": "cpu", "engine": None, "num_threads": 0,
                 "overrides": {}}

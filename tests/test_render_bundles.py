@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, REPO)
-from tools.render_bundles import OPTIONAL, REQUIRED, TEMPLATES, render_config, renderings, stale  # noqa: E402
+from tools.render_bundles import OPTIONAL, REQUIRED, TEMPLATES, render_config, renderings, stale
 
 
 def test_committed_configs_are_their_rendering():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from networks.evaluation import dice
-from tools.infer import BundleRunner, Case, label_volumes_ml
+from networks.batch.volumes import Case, VolumeSegmenter, label_volumes_ml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO_ROOT, "bundles", "synapse_ltmednext_segmentation")
@@ -32,7 +32,7 @@ DICE_FLOORS = {"spleen": 0.8, "right_kidney": 0.65, "left_kidney": 0.7, "gallbla
 
 @pytest.fixture(scope="module")
 def prediction():
-    runner = BundleRunner(BUNDLE, "cpu")
+    runner = VolumeSegmenter(BUNDLE, "cpu")
     return runner, runner(Case("example_ct_sm", SAMPLE_CT, "nifti"))
 
 

@@ -10,8 +10,7 @@ import pytest
 
 from conftest import BUNDLES, REPO
 
-sys.path.insert(0, REPO)
-from tools.verify_bundle import expression_problem, record_hashes  # noqa: E402
+from tools.verify_bundle import expression_problem, record_hashes
 
 SCRIPT = os.path.join(REPO, "tools", "verify_bundle.py")
 

@@ -3,7 +3,7 @@
 ``python tools/benchmark_pipeline.py --shape 512,512,150 --threads 2 --output docs/benchmark_pipeline.md``
 
 It writes a synthetic CT NIfTI of the given shape (HU values: air, a body ellipse with soft tissue, bone) and runs
-the Synapse bundle's own inference pipeline (``tools/infer.py``'s ``BundleRunner``: ``configs/inference.json``) on
+the Synapse bundle's own inference pipeline (``networks.batch.volumes.VolumeSegmenter``, what ``tools/infer.py`` runs: ``configs/inference.json``) on
 it once per network and engine (eager PyTorch, and ``--engine onnx``: ONNX Runtime), each in a fresh subprocess so
 that peak RSS (``ru_maxrss`` of that process, interpreter and libraries included) belongs to one pipeline alone.
 The MONAI UNet rows swap ``network_def`` through ``configs/unet_baseline.json``, everything else unchanged. Both networks get random weights of their own
@@ -57,15 +57,15 @@ def measure(volume: str, extra_configs: tuple[str, ...] = (), threads: int = 2, 
     """Run in a subprocess: one pipeline on one volume; prints a JSON line with seconds and peak RSS."""
     import torch
 
-    sys.path.insert(0, REPO_ROOT)
-    from tools.infer import BundleRunner, Case, save_label
+    from networks.batch.volumes import Case, VolumeSegmenter
+    from networks.batch.writers import save_label
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         weights = os.path.join(tmp, "random.pt")
         torch.save(_network(tuple(extra_configs)).state_dict(), weights)
-        runner = BundleRunner(BUNDLE, "cpu", tuple(extra_configs), weights, engine)
+        runner = VolumeSegmenter(BUNDLE, "cpu", tuple(extra_configs), weights, engine)
         setup = time.perf_counter() - start
         case = Case("bench", volume, "nifti")
         seconds = []

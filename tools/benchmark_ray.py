@@ -4,7 +4,7 @@
 
 It writes a fixed batch of ``cases`` synthetic CT volumes (``benchmark_pipeline.write_synthetic_ct``) and a copy of
 the Synapse bundle with random LTMedNeXt-T weights (speed does not depend on the values), then runs the whole batch
-with ``tools.infer.run``: in-process with 1 torch thread and with ``threads`` (the default engine), and on a Ray
+with ``networks.batch.runners.run`` (what ``tools/infer.py`` runs): in-process with 1 torch thread and with ``threads`` (the default engine), and on a Ray
 cluster of one node with ``k`` CPUs for each ``k`` in ``workers`` (one task of 1 CPU and 1 thread per case, so ``k``
 workers). Each row gives the batch's wall time (start-up included: Ray's connection, worker processes, each worker's
 model load) and cases/min, when the first case finished, and the steady pace after it (seconds between finished cases,
@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ BUNDLE = os.path.join(REPO_ROOT, "bundles", "synapse_ltmednext_segmentation")
 
 
 class _Finishes(logging.Handler):
-    """perf_counter() of every per-case log line tools.infer writes as a case finishes."""
+    """perf_counter() of every per-case log line the batch summary writes as a case finishes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,7 +63,7 @@ def _labels(folder: str) -> dict[str, np.ndarray]:
 
 
 def _timed_batch(bundle: str, source: str, output: str, cases: int, **options) -> dict:
-    from tools.infer import run
+    from networks.batch.runners import run
 
     finishes = _Finishes()
     logging.getLogger("infer").addHandler(finishes)
@@ -155,5 +154,4 @@ def main(cases: int = 16, shape: str | tuple = "128,128,32", workers: str | tupl
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO_ROOT)
     fire.Fire(main)

@@ -89,8 +89,10 @@ def torchscript_config(inference: dict) -> dict:
 
 
 def _copy_networks(target: str) -> None:
+    """The package without its batch engine (``networks/batch``: this repository's tools, which no config names)."""
     shutil.copytree(NETWORKS, target, ignore=lambda folder, names: [
-        n for n in names if n == "__pycache__" or (os.path.isfile(os.path.join(folder, n)) and not n.endswith(".py"))])
+        n for n in names if n == "__pycache__" or (folder == NETWORKS and n == "batch")
+        or (os.path.isfile(os.path.join(folder, n)) and not n.endswith(".py"))])
 
 
 def _torchscript(stage: str) -> None:
@@ -178,5 +180,4 @@ def main(bundle: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO_ROOT)
     fire.Fire(main)

@@ -225,9 +225,6 @@ def pneumoniamnist(npz: str, out_dir: str, fractions=FRACTIONS, seed: int = SEED
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     fire.Fire({"monkeypox": monkeypox, "covid_ct": covid_ct, "sarscov2": sarscov2,
                "covid19_ct_slices": covid19_ct_slices, "pneumoniamnist": pneumoniamnist})

@@ -50,11 +50,9 @@ from typing import Callable, Iterable, Sequence
 import fire
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from networks.classification import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
-from networks.data import write_datalist, write_png_atomic  # noqa: E402
-from networks.segmentation2d import read_mask, split_cases  # noqa: E402
+from networks.classification import IMAGE_SUFFIXES, read_image_rgb
+from networks.data import write_datalist, write_png_atomic
+from networks.segmentation2d import read_mask, split_cases
 
 log = logging.getLogger("prepare_litenext")
 

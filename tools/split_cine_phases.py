@@ -19,48 +19,8 @@ import shutil
 import tempfile
 
 import fire
-import numpy as np
 
-
-def _slice_position(ds) -> float:
-    orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    return float(np.dot(np.cross(orientation[:3], orientation[3:]), np.asarray(ds.ImagePositionPatient, float)))
-
-
-def cine_phases(folder: str, series_uid: str | None = None) -> list[list[str]]:
-    """The files of the series in ``folder`` as phases (each a list of files, one per slice position).
-
-    One phase when every position occurs once. Raises ValueError naming the folder when positions repeat unevenly
-    (duplicates or a broken export rather than a cine series) or no file has a position.
-    """
-    import pydicom
-
-    by_position: dict[float, list[tuple[float, int, str]]] = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue
-        if "ImagePositionPatient" not in ds:
-            continue
-        if series_uid is not None and str(getattr(ds, "SeriesInstanceUID", "") or "") != series_uid:
-            continue
-        trigger = float(ds.get("TriggerTime", np.nan) or np.nan)
-        order = (trigger if np.isfinite(trigger) else float(ds.get("InstanceNumber", 0) or 0))
-        by_position.setdefault(round(_slice_position(ds), 2), []).append((order, int(ds.get("InstanceNumber", 0) or 0),
-                                                                          path))
-    if not by_position:
-        raise ValueError(f"{folder}: no DICOM image slices with a position were found.")
-    counts = {len(files) for files in by_position.values()}
-    if len(counts) != 1:
-        raise ValueError(f"{folder}: slice positions repeat unevenly ({min(counts)} to {max(counts)} files per "
-                         f"position): duplicates or an incomplete export, not a regular cine series.")
-    positions = sorted(by_position)
-    ordered = [sorted(by_position[p]) for p in positions]
-    return [[files[k][2] for files in ordered] for k in range(counts.pop())]
+from networks.batch.volumes import cine_phases
 
 
 def split(input: str, output_dir: str, phases: list[int] | None = None) -> list[str]:

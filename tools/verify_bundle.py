@@ -295,5 +295,4 @@ def main(*bundles: str, record: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO_ROOT)
     fire.Fire(main)

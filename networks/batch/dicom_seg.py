@@ -1,6 +1,6 @@
 """DICOM Segmentation objects (highdicom) for labels predicted on a DICOM series, referencing that series.
 
-The label volume is on the series' own grid (``tools/infer.py`` restores it there), so each source slice's frame is
+The label volume is on the series' own grid (:mod:`networks.batch.volumes` restores it there), so each source slice's frame is
 read off the label at the voxel of every source pixel through the label's affine: no resampling, and the frame order
 and geometry are those of the source images.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from networks.data import write_atomic_with
 
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 
@@ -89,6 +91,4 @@ def write_dicom_seg(label, folder: str, series_uid: str, labels: dict[int, str],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="LiteMed Bundles",
         manufacturer_model_name=algorithm, software_versions=version, device_serial_number="none",
         series_description=f"{algorithm} segmentation (research use only)")
-    from networks.data import write_atomic_with
-
     write_atomic_with(output_path, seg.save_as, ".dcm")

@@ -1,8 +1,9 @@
 """The Ray engine of ``tools/infer.py --ray_address ADDRESS``: where each planned case runs, nothing else.
 
-``tools/infer.py`` plans the batch (cases, output paths, skip-if-complete), processes one case
-(:func:`tools.infer.process_case`: segment, write atomically, build the Result) and records the summary rows. This
-module only sends each case to a Ray cluster as one task and hands each Result back to the recorder as it arrives.
+:mod:`networks.batch.volumes` plans the batch (cases, output paths, skip-if-complete) and processes one case
+(:func:`~networks.batch.volumes.process_case`: segment, write atomically, build the Result); the batch's
+:class:`~networks.batch.core.BatchSummary` records the rows. This module only sends each case to a Ray cluster as one
+task and hands each Result back to the recorder as it arrives.
 
 Why tasks (and not actors or Ray Data): a task whose worker process is killed or whose node leaves the cluster is
 rerun elsewhere by Ray itself (``max_retries``), with no bookkeeping here; a case that fails on its own (corrupt file,
@@ -10,7 +11,7 @@ NaN volume) never raises out of the task, it returns a failed Result, so it is r
 Ray keeps its worker processes and reuses them for the next task, and each process keeps the bundle's network it
 loaded (:func:`_runner`), so a worker loads the network once and then segments case after case.
 
-This module imports Ray: ``tools/infer.py`` imports it only when ``--ray_address`` is given.
+This module imports Ray: :mod:`networks.batch.runners` imports it only when ``--ray_address`` is given.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import socket
 
 import ray
 
-from tools.infer import BundleRunner, Case, Result, UsageError, failed_result, process_case
+from networks.batch.core import Result, UsageError, failed_result
+from networks.batch.volumes import Case, VolumeSegmenter, process_case
 
 MAX_RETRIES = 3  # reruns of a case whose worker process or node died; a case that fails by itself is not rerun
 PROBE_TIMEOUT_S = 8  # per step of the reachability check (TCP, then one gRPC call): a wrong address fails within 30 s
 ADDRESS = re.compile(r"(?P<client>ray://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 ADDRESS_FORMS = "local, auto, HOST:PORT (a cluster started with `ray start --head`) or ray://HOST:10001 (Ray Client)"
-_RUNNERS: dict[str, BundleRunner] = {}  # in each worker process: the bundle it has loaded, by settings
+_RUNNERS: dict[str, VolumeSegmenter] = {}  # in each worker process: the bundle it has loaded, by settings
 
 
-def _runner(settings: dict) -> BundleRunner:
+def _runner(settings: dict) -> VolumeSegmenter:
     """The bundle this worker process loaded for ``settings``, loaded on its first case."""
     key = json.dumps(settings, sort_keys=True)
     if key not in _RUNNERS:
@@ -41,7 +43,7 @@ def _runner(settings: dict) -> BundleRunner:
         if settings["num_threads"] > 0:
             torch.set_num_threads(settings["num_threads"])
         _RUNNERS.clear()  # a worker serves one batch's bundle at a time
-        _RUNNERS[key] = BundleRunner(settings["bundle_dir"], settings["device"], engine=settings["engine"],
+        _RUNNERS[key] = VolumeSegmenter(settings["bundle_dir"], settings["device"], engine=settings["engine"],
                                      overrides=settings["overrides"])
     return _RUNNERS[key]
 
@@ -121,8 +123,8 @@ def _check_reachable(address: str) -> None:
 @contextlib.contextmanager
 def connect(address: str):
     """Connected to the Ray cluster at ``address`` (``local`` starts one on this machine) while in the block,
-    disconnected after. This repository's ``tools`` and ``networks`` travel with the job (``py_modules``): each node
-    needs the Python environment only, and BUNDLE_DIR, INPUT and OUTPUT_DIR at the same paths."""
+    disconnected after. This repository's ``networks`` package travels with the job (``py_modules``): each node needs
+    the Python environment only, and BUNDLE_DIR, INPUT and OUTPUT_DIR at the same paths."""
     address = check_address(address)
     if ray.is_initialized():
         raise UsageError("this process is already connected to Ray; --ray_address makes its own connection.")
@@ -133,8 +135,8 @@ def connect(address: str):
             address = canonicalize_bootstrap_address("auto") or "auto"
     if address not in ("local", "auto"):
         _check_reachable(address)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    options = {"runtime_env": {"py_modules": [os.path.join(here, "tools"), os.path.join(here, "networks")]},
+    networks_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    options = {"runtime_env": {"py_modules": [networks_dir]},
                "log_to_driver": False}
     if address == "local":
         options["include_dashboard"] = False

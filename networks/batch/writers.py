@@ -1,9 +1,58 @@
-"""PNG overlays of a label volume on its CT, for visual review: a few axial slices, label colours and a legend."""
+"""Every output file of a batch, each written under a temporary name and renamed (:mod:`networks.data`'s one atomic
+writer): the label NIfTI, the overlay PNG for review, ``predictions.csv`` of the classifiers, the 0/1 PNG masks of the
+2D bundles (:func:`networks.segmentation2d.save_mask_png`) and the DICOM SEG (:mod:`networks.batch.dicom_seg`)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw
+
+from networks.batch.core import UsageError
+from networks.data import write_atomic, write_atomic_with, write_nifti_atomic
+
+PREDICTIONS = "predictions.csv"
+
+
+def save_label(label, output_path: str) -> None:
+    """Write a uint8 label NIfTI with the label's affine."""
+    array = np.asarray(label.detach().cpu().numpy() if hasattr(label, "detach") else label)
+    array = array[0] if array.ndim == 4 else array
+    affine = np.asarray(label.affine, dtype=np.float64) if hasattr(label, "affine") else np.eye(4)
+    write_nifti_atomic(array.astype(np.uint8), affine, output_path)
+
+
+def prediction_columns(class_names: list[str]) -> list[str]:
+    return ["case", "input", "prediction", *(f"p_{c}" for c in class_names)]
+
+
+def read_predictions(path: str, class_names: list[str]) -> dict[str, dict]:
+    """Rows of an earlier ``predictions.csv`` by case (empty when there is none); a file written for other classes
+    is a usage error rather than something to mix with."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        expected = prediction_columns(class_names)
+        if reader.fieldnames != expected:
+            raise UsageError(f"{path}: written for other classes or by another tool (columns {reader.fieldnames}, "
+                             f"expected {expected}); use another output folder.")
+        return {row["case"]: row for row in reader}
+
+
+def write_predictions(path: str, rows: list[dict], class_names: list[str]) -> None:
+    """``predictions.csv``: ``case,input,prediction`` and one ``p_<class>`` column per class."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=prediction_columns(class_names))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------------------ overlay
 
 # distinct colours for labels 1..N (cycled beyond)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -70,6 +119,4 @@ def save_overlay(image, label, path: str, names: dict[int, str], count: int = 3)
     scale = max(1, 600 // max(picture.size[1], 1))
     if scale > 1:
         picture = picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.NEAREST)
-    from networks.data import write_atomic_with
-
     write_atomic_with(path, lambda tmp: picture.save(tmp, format="PNG"), ".png")
