@@ -150,7 +150,7 @@ def test_monai_runner_inference_writes_class_probabilities(synthetic_photos, ran
 @pytest.mark.parametrize("bundle,layout", [(MONKEYPOX, "monkeypox"), (SARSCOV2, "covid_ct")],
                          ids=["monkeypox", "sarscov2"])
 def test_shipped_weights_reproduce_the_documented_test_metrics(bundle, layout, tmp_path):
-    """The shipped weights, through the engine's classifier (networks.batch.images), on the held-out test split (patients/sources never
+    """The shipped weights, through networks.batch.images, on the held-out test split (patients/sources never
     trained or selected on) give the accuracy and AUC that metadata and docs/README.md state: catches broken or
     swapped weights and preprocessing drift between training, evaluation and inference."""
     import numpy as np

@@ -1,4 +1,4 @@
-"""tools/infer.py with a classification bundle (networks.batch.images and runners): 2D image discovery, predictions.csv with one
+"""tools/infer.py with a classification bundle (networks.batch): 2D image discovery, predictions.csv with one
 probability column per class, summary, a corrupt image as one failed row, reruns that skip, exit codes."""
 
 import csv

@@ -3,7 +3,7 @@
 ``python tools/benchmark_pipeline.py --shape 512,512,150 --threads 2 --output docs/benchmark_pipeline.md``
 
 It writes a synthetic CT NIfTI of the given shape (HU values: air, a body ellipse with soft tissue, bone) and runs
-the Synapse bundle's own inference pipeline (``networks.batch.volumes.VolumeSegmenter``, what ``tools/infer.py`` runs: ``configs/inference.json``) on
+the Synapse bundle's own inference pipeline (``networks.batch.volumes.VolumeSegmenter``: ``configs/inference.json``) on
 it once per network and engine (eager PyTorch, and ``--engine onnx``: ONNX Runtime), each in a fresh subprocess so
 that peak RSS (``ru_maxrss`` of that process, interpreter and libraries included) belongs to one pipeline alone.
 The MONAI UNet rows swap ``network_def`` through ``configs/unet_baseline.json``, everything else unchanged. Both networks get random weights of their own

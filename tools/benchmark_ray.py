@@ -4,7 +4,8 @@
 
 It writes a fixed batch of ``cases`` synthetic CT volumes (``benchmark_pipeline.write_synthetic_ct``) and a copy of
 the Synapse bundle with random LTMedNeXt-T weights (speed does not depend on the values), then runs the whole batch
-with ``networks.batch.runners.run`` (what ``tools/infer.py`` runs): in-process with 1 torch thread and with ``threads`` (the default engine), and on a Ray
+with ``networks.batch.runners.run``:
+in-process with 1 torch thread and with ``threads`` (the default engine), and on a Ray
 cluster of one node with ``k`` CPUs for each ``k`` in ``workers`` (one task of 1 CPU and 1 thread per case, so ``k``
 workers). Each row gives the batch's wall time (start-up included: Ray's connection, worker processes, each worker's
 model load) and cases/min, when the first case finished, and the steady pace after it (seconds between finished cases,

@@ -21,9 +21,10 @@ ids MONAI Label uses too); this tool adds discovery, loading of DICOM series, wr
 ``--ID VALUE`` sets that id of the inference config for this run, as ``python -m monai.bundle run`` does
 (``--test_time_augmentation false``, ``--inferer#sw_batch_size 16``); an id the config does not have is a usage error.
 
-Cases run here, one after another, unless ``--ray_address`` sends them to a Ray cluster (``networks/batch/ray_engine.py``,
-imported only then; ``pip install -e ".[distributed]"``): the same plan, per-case processing and summary, only where
-each case runs differs. BUNDLE_DIR, INPUT and OUTPUT_DIR must then be on a filesystem every node sees.
+Cases run here, one after another, unless ``--ray_address`` sends them to a Ray cluster
+(``networks/batch/ray_engine.py``, imported only then; ``pip install -e ".[distributed]"``): the same plan, per-case
+processing and summary, only where each case runs differs. BUNDLE_DIR, INPUT and OUTPUT_DIR must then be on a
+filesystem every node sees.
 
 A classification bundle (metadata output format ``classes``) writes ``predictions.csv`` for 2D images, a 2D
 segmentation bundle (``png`` among its data types) one ``<case>_seg.png`` 0/1 mask per image; both keep the same summary

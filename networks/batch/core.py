@@ -256,8 +256,8 @@ class BatchSummary:
                  ignored_files: int = 0) -> None:
         from tqdm import tqdm
 
-        self.output_dir, self.order, self.unit, self.ignored_files = output_dir, [c.name for c in cases], unit, \
-            ignored_files
+        self.output_dir, self.unit, self.ignored_files = output_dir, unit, ignored_files
+        self.order = [c.name for c in cases]
         self.results = dict(skipped)
         # a bar on a terminal; elsewhere the per-case log lines carry the progress
         self.progress = tqdm(total=len(cases) - len(skipped), unit=unit[:-1], disable=not sys.stderr.isatty())

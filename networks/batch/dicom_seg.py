@@ -1,8 +1,8 @@
 """DICOM Segmentation objects (highdicom) for labels predicted on a DICOM series, referencing that series.
 
-The label volume is on the series' own grid (:mod:`networks.batch.volumes` restores it there), so each source slice's frame is
-read off the label at the voxel of every source pixel through the label's affine: no resampling, and the frame order
-and geometry are those of the source images.
+The label volume is on the series' own grid (:mod:`networks.batch.volumes` restores it there), so each source
+slice's frame is read off the label at the voxel of every source pixel through the label's affine: no resampling, and
+the frame order and geometry are those of the source images.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import numpy as np
 
 from networks.batch import engines, images, volumes
 from networks.batch.core import (CLASSIFICATION, IMAGE_SEGMENTATION, VOLUME_SEGMENTATION, BatchOptions, BatchSummary,
-                                 BundleSpec, Result, UsageError, check_engine, check_output_dir, error_message,
-                                 failed_result, remove_temporary_files, set_threads)
+                                 BundleSpec, Result, UsageError, check_engine, check_output_dir, failed_result,
+                                 remove_temporary_files, set_threads)
 from networks.batch.writers import PREDICTIONS, read_predictions, write_predictions
 
 
@@ -141,7 +141,7 @@ def _classify_batch(runner: images.ImageClassifier, batch: list[images.Image2D],
             probabilities = runner.predict([image for _, image, _, _ in loaded])
         except Exception as e:
             for case, _, _, seconds in loaded:
-                results[case.name] = Result(case.name, case.input, "failed", "", seconds, error_message(e, case.input))
+                results[case.name] = failed_result(case, e, seconds)
         else:
             share = (time.perf_counter() - began) / len(loaded)
             for (case, _, warning, seconds), p in zip(loaded, probabilities):

@@ -341,7 +341,7 @@ def label_volumes_ml(label, names: dict[int, str]) -> dict[str, float]:
     return {names.get(i, str(i)): round(float(counts[i]) * voxel_ml, 2) for i in range(1, len(counts))}
 
 
-# ------------------------------------------------------------------------------ cine series (tools/split_cine_phases.py)
+# --------------------------------------------------------------- cine series (tools/split_cine_phases.py)
 def _slice_position(ds) -> float:
     orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
     return float(np.dot(np.cross(orientation[:3], orientation[3:]), np.asarray(ds.ImagePositionPatient, float)))
