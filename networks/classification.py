@@ -1,19 +1,13 @@
-"""Image classification helpers shared by the classification bundles and their tools.
+"""Classification metrics and reports shared by the classification bundles.
 
-* :func:`read_image_rgb`, :class:`LoadImage2D` / :class:`LoadImage2Dd`: any 2D image (PNG, JPEG, BMP, TIFF, RGB, RGBA,
-  grey, 16-bit, single-frame DICOM) as a 3-channel float image in [0, 1];
-* :func:`find_images`: the 2D images under a folder, in a stable order (what a classification bundle calls a case);
-  :func:`image_datalist` the same as an inference datalist;
-* :func:`grouped_stratified_split`: training/validation/test lists with every patient (or source) on one side and the
-  classes in the same proportions on every side;
-* :func:`class_weights`: inverse-frequency loss weights for class-balanced training;
-* :func:`with_encoder_weights`: a classifier whose encoder starts from another LTMedNeXt checkpoint's (the
-  training configs' ``pretrained_encoder``);
 * :func:`classification_metrics`: accuracy, balanced accuracy, macro F1, AUC (one-vs-rest, macro) and the confusion
   matrix, with numpy only;
 * :class:`ClassificationMetric`: one of those numbers as an ignite metric (validation key metric);
 * :class:`ClassificationReport`: an evaluator handler that writes ``metrics.csv``, ``confusion_matrix.csv``,
   ``confusion_matrix.png`` and ``predictions.csv``.
+
+Reading images lives in :mod:`networks.image_io` and :mod:`networks.transforms`, splits in :mod:`networks.data`,
+weight helpers in :mod:`networks.training`.
 """
 
 from __future__ import annotations
@@ -22,245 +16,15 @@ import csv
 import io
 import math
 import os
-import random
-from collections import Counter, defaultdict
-from typing import Hashable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from networks.data import write_atomic
 from networks.evaluation import ReportHandler
-from networks.training import read_weights
 
-__all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_dicom", "read_image_rgb", "LoadImage2D", "LoadImage2Dd",
-           "find_images", "image_datalist", "grouped_stratified_split", "class_weights", "classification_metrics",
-           "roc_auc", "with_encoder_weights", "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
-MAX_PIXELS = 20000 * 20000  # a header claiming more than this is refused before decoding (decompression bombs)
-
-
-# ----------------------------------------------------------------------------------------------------------- loading
-def is_dicom(path: str) -> bool:
-    """A ``.dcm``/``.dicom`` name, or a file with the DICOM preamble (``DICM`` at byte 128)."""
-    if path.lower().endswith(DICOM_SUFFIXES):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _unit_range(array: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] (a constant image becomes zeros)."""
-    array = array.astype(np.float32)
-    low, high = float(array.min()), float(array.max())
-    return (array - low) / (high - low) if high > low else np.zeros_like(array)
-
-
-def _read_dicom(path: str) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(path)
-    if "PixelData" not in ds:
-        raise ValueError(f"{path}: DICOM file without pixel data.")
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise ValueError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames); only single-frame images are "
-                         f"classified.")
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour (RGB / YBR converted by pydicom)
-        return _unit_range(pixels) if pixels.dtype != np.uint8 else pixels.astype(np.float32) / 255.0
-    if pixels.ndim != 2:
-        raise ValueError(f"{path}: expected a 2D DICOM image, got pixel data of shape {pixels.shape}.")
-    values = apply_modality_lut(pixels, ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds)
-    grey = _unit_range(values)
-    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
-        grey = 1.0 - grey
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def _read_pil(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{path}: the header claims {image.width}x{image.height} pixels, over the limit.")
-        if getattr(image, "n_frames", 1) > 1:
-            raise ValueError(f"{path}: {image.n_frames} frames; only single-frame images are classified.")
-        image.load()  # decode now: a truncated or corrupt file fails here, with its name
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scaled by its own range
-            grey = _unit_range(np.asarray(image, dtype=np.float32))
-            return np.repeat(grey[..., None], 3, axis=-1)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))  # transparent -> black, as CT air
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def read_image_rgb(path: str) -> np.ndarray:
-    """The image in ``path`` as a float32 ``(H, W, 3)`` array in [0, 1].
-
-    RGB/RGBA/palette/grey 8-bit images are divided by 255 (transparent pixels become black; grey is repeated over the
-    three channels); 16-bit and float grey images and DICOM are scaled by their own range after DICOM's rescale and,
-    when the file has one, its display window (MONOCHROME1 is inverted). Raises ``ValueError`` naming the file for
-    anything unreadable, multi-frame, empty or not finite.
-    """
-    try:
-        array = _read_dicom(path) if is_dicom(path) else _read_pil(path)
-    except ValueError:
-        raise
-    except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), pydicom errors
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable image ({detail}).") from e
-    if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"{path}: empty image (shape {array.shape}).")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{path}: the image holds NaN or infinite values.")
-    return array
-
-
-class LoadImage2D:
-    """Transform: a path to a ``(3, H, W)`` float32 ``MetaTensor`` in [0, 1] (see :func:`read_image_rgb`), with
-    ``filename_or_obj`` and the original ``spatial_shape`` in its meta data. Rows are the image's rows (no transpose),
-    the same in training and inference."""
-
-    def __call__(self, path: str):
-        from monai.data import MetaTensor
-
-        array = read_image_rgb(str(path))
-        tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-        return MetaTensor(tensor, meta={"filename_or_obj": str(path), "spatial_shape": np.asarray(array.shape[:2])})
-
-
-class LoadImage2Dd:
-    """Dictionary version of :class:`LoadImage2D` (MONAI ``MapTransform`` style: ``keys`` are loaded in place)."""
-
-    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
-        self.keys = [keys] if isinstance(keys, str) else list(keys)
-        self.allow_missing_keys = allow_missing_keys
-        self.loader = LoadImage2D()
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.keys:
-            if key in d:
-                d[key] = self.loader(d[key])
-            elif not self.allow_missing_keys:
-                raise KeyError(f"key {key!r} not in the data ({sorted(map(str, d))}).")
-        return d
-
-
-def find_images(folder: str) -> list[str]:
-    """Every 2D image under ``folder`` (searched recursively; hidden files skipped), sorted by relative path: files
-    named with :data:`IMAGE_SUFFIXES` (any case) and files without a suffix that carry the DICOM preamble."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(IMAGE_SUFFIXES) or ("." not in name and is_dicom(path)):
-                found.append(path)
-    return found
-
-
-def image_datalist(folder: str, key: str = "image") -> list[dict]:
-    """``[{key: path}, ...]`` for every image :func:`find_images` finds under ``folder``: the inference datalist of
-    the 2D bundles (a ``_target_`` component, so an exported bundle reaches it from its own ``networks/`` copy)."""
-    return [{key: path} for path in find_images(folder)]
-
-
-# ------------------------------------------------------------------------------------------------------------ splits
-def grouped_stratified_split(items: Sequence[dict], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-                             group_key: str = "group", label_key: str = "label") -> list[list[dict]]:
-    """Split ``items`` into ``len(fractions)`` lists so that every group (patient, source paper) lies in one list and
-    each class is spread over the lists in about the given fractions of its images.
-
-    Per class (a group's class is its most frequent label), the groups are shuffled with ``seed``, ordered largest
-    first (ties in shuffled order) and each is given to the list furthest below its target share of that class's
-    images. Lists keep the items' input order. With at least as many groups of a class as lists of non-zero fraction,
-    every such list receives that class.
-    """
-    if not fractions or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"fractions must be non-negative with a positive sum, got {list(fractions)}.")
-    weights = np.asarray(fractions, dtype=np.float64) / float(sum(fractions))
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        members[str(item[group_key])].append(i)
-    by_class: dict[int, list[str]] = defaultdict(list)
-    for group, indices in members.items():
-        counts = Counter(int(items[i][label_key]) for i in indices)
-        by_class[min(counts, key=lambda c: (-counts[c], c))].append(group)
-    rng = random.Random(seed)
-    assignment: dict[str, int] = {}
-    for label in sorted(by_class):
-        groups = sorted(by_class[label])
-        rng.shuffle(groups)
-        groups.sort(key=lambda g: -len(members[g]))  # stable: equal sizes stay in shuffled order
-        total = sum(len(members[g]) for g in groups)
-        counts = np.zeros(len(weights))
-        for group in groups:
-            empty = [i for i in range(len(weights)) if weights[i] > 0 and counts[i] == 0]
-            if len(empty) > 0 and len(groups) - groups.index(group) <= len(empty):
-                target = empty[0]  # just enough groups left to give every list this class
-            else:
-                target = int(np.argmax(weights * total - counts))
-            assignment[group] = target
-            counts[target] += len(members[group])
-    splits: list[list[dict]] = [[] for _ in weights]
-    for item in items:
-        splits[assignment[str(item[group_key])]].append(item)
-    return splits
-
-
-def class_weights(datalist: Sequence[dict], num_classes: int, label_key: str = "label",
-                  device: str | torch.device | None = None) -> torch.Tensor:
-    """Inverse-frequency class weights (mean 1 over the classes present) for ``torch.nn.CrossEntropyLoss``; a class
-    absent from ``datalist`` gets weight 0. On ``device`` when given (a config's ``_target_`` component)."""
-    counts = np.bincount([int(item[label_key]) for item in datalist], minlength=num_classes).astype(np.float64)
-    if len(counts) > num_classes:
-        raise ValueError(f"labels up to {len(counts) - 1} found, but num_classes is {num_classes}.")
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(int((counts > 0).sum()), 1), 0.0)
-    present = weights[counts > 0]
-    weights = weights / present.mean() if len(present) else weights
-    return torch.as_tensor(weights, dtype=torch.float32, device=device)
-
-
-def with_encoder_weights(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
-    """``network`` (an LTMedNeXtClassifier, or one wrapped in DistributedDataParallel) with its encoder initialised
-    from the ``encoder.*`` weights of another LTMedNeXt checkpoint at ``path`` (a segmentation bundle's
-    ``models/model.pt``, for example); unchanged when ``path`` is empty or None.
-
-    A stem trained on fewer input channels (1 for CT/MR) is spread evenly over this network's channels, so a grey
-    image replicated to RGB gives the stem exactly the response it was trained on. Everything outside the encoder
-    (the classification head) keeps its initialisation.
-    """
-    if not path:
-        return network
-    target = getattr(network, "module", network)
-    state = read_weights(path)
-    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder:
-        raise ValueError(f"{path}: no encoder.* weights (not an LTMedNeXt checkpoint?)")
-    own = target.encoder.state_dict()
-    stem = "stem.0.weight"
-    if stem in encoder and stem in own and encoder[stem].shape[1] != own[stem].shape[1]:
-        mean = encoder[stem].mean(1, keepdim=True)
-        encoder[stem] = mean.expand(-1, own[stem].shape[1], -1, -1) * (encoder[stem].shape[1] / own[stem].shape[1])
-    mismatched = [k for k in own if k not in encoder or encoder[k].shape != own[k].shape]
-    if mismatched:
-        raise ValueError(f"{path}: encoder weights do not fit this network (size or width differs): "
-                         f"{', '.join(mismatched[:5])}")
-    target.encoder.load_state_dict(encoder)
-    return network
+__all__ = ["classification_metrics", "roc_auc", "ClassificationMetric", "ClassificationReport", "confusion_matrix_png"]
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -500,3 +264,22 @@ class ClassificationReport(ReportHandler):
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in lines[:4]})
         return result
+
+
+_MOVED = {  # names this module held before it was split by concern; bundle configs written then still resolve them
+    "IMAGE_SUFFIXES": "networks.image_io", "DICOM_SUFFIXES": "networks.image_io", "is_dicom": "networks.image_io",
+    "read_image_rgb": "networks.image_io", "find_images": "networks.image_io", "image_datalist": "networks.image_io",
+    "LoadImage2D": "networks.transforms", "LoadImage2Dd": "networks.transforms",
+    "grouped_stratified_split": "networks.data",
+    "class_weights": "networks.training", "with_encoder_weights": "networks.training",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"networks.classification.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

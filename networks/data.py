@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import uuid
+from collections import Counter, defaultdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,7 +14,7 @@ import numpy as np
 __all__ = ["SYNAPSE_ORGANS", "BTCV_TO_SYNAPSE", "btcv_to_synapse", "ACDC_CLASSES", "ACDC_H5_SPACING", "check_labels",
            "write_atomic", "write_atomic_with", "write_json_atomic", "write_nifti_atomic", "write_png_atomic",
            "write_datalist",
-           "load_datalist", "TMP_PREFIX"]
+           "load_datalist", "grouped_stratified_split", "TMP_PREFIX"]
 
 # TransUNet order: index i is the label value of organ i (0 is background)
 SYNAPSE_ORGANS = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
@@ -129,3 +131,45 @@ def load_datalist(path: str, key: str) -> list[dict]:
     return [{k: os.path.normpath(os.path.join(root, v)) if k in ("image", "label") and isinstance(v, str)
              and not os.path.isabs(v) else v
              for k, v in item.items()} for item in datalist[key]]
+
+
+def grouped_stratified_split(items: Sequence[dict], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
+                             group_key: str = "group", label_key: str = "label") -> list[list[dict]]:
+    """Split ``items`` into ``len(fractions)`` lists so that every group (patient, source paper) lies in one list and
+    each class is spread over the lists in about the given fractions of its images.
+
+    Per class (a group's class is its most frequent label), the groups are shuffled with ``seed``, ordered largest
+    first (ties in shuffled order) and each is given to the list furthest below its target share of that class's
+    images. Lists keep the items' input order. With at least as many groups of a class as lists of non-zero fraction,
+    every such list receives that class.
+    """
+    if not fractions or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {list(fractions)}.")
+    weights = np.asarray(fractions, dtype=np.float64) / float(sum(fractions))
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        members[str(item[group_key])].append(i)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        counts = Counter(int(items[i][label_key]) for i in indices)
+        by_class[min(counts, key=lambda c: (-counts[c], c))].append(group)
+    rng = random.Random(seed)
+    assignment: dict[str, int] = {}
+    for label in sorted(by_class):
+        groups = sorted(by_class[label])
+        rng.shuffle(groups)
+        groups.sort(key=lambda g: -len(members[g]))  # stable: equal sizes stay in shuffled order
+        total = sum(len(members[g]) for g in groups)
+        counts = np.zeros(len(weights))
+        for group in groups:
+            empty = [i for i in range(len(weights)) if weights[i] > 0 and counts[i] == 0]
+            if len(empty) > 0 and len(groups) - groups.index(group) <= len(empty):
+                target = empty[0]  # just enough groups left to give every list this class
+            else:
+                target = int(np.argmax(weights * total - counts))
+            assignment[group] = target
+            counts[target] += len(members[group])
+    splits: list[list[dict]] = [[] for _ in weights]
+    for item in items:
+        splits[assignment[str(item[group_key])]].append(item)
+    return splits

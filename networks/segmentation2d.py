@@ -9,8 +9,8 @@
 * :func:`binary_metrics`, :class:`BinarySegmentationReport`: per-image Dice, IoU, precision and recall (images whose
   ground truth is empty are listed but left out of the means, as in LiteNeXt's ``eval.py``).
 
-Images are read by :class:`LoadImageRGBd`, which wraps :class:`networks.classification.LoadImage2Dd` (PNG, JPEG, BMP,
-TIFF, single-frame DICOM); :class:`SaveMask2Dd` writes a 0/1 PNG mask.
+Images are read by :class:`networks.transforms.LoadImage2Dd` (PNG, JPEG, BMP, TIFF, single-frame DICOM);
+:class:`SaveMask2Dd` writes a 0/1 PNG mask.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from networks.classification import LoadImage2Dd, grouped_stratified_split
-from networks.data import write_atomic, write_png_atomic
+from networks.data import grouped_stratified_split, write_atomic, write_png_atomic
 from networks.evaluation import ReportHandler
+from networks.transforms import LoadImage2Dd
 
-__all__ = ["read_mask", "LoadImageRGBd", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
+__all__ = ["read_mask", "LoadMask2Dd", "train_transforms", "eval_transforms", "inference_transforms",
            "split_cases", "binary_metrics", "summarise_metrics", "BinarySegmentationReport", "METRICS", "save_mask_png",
            "SaveMask2Dd"]
 
@@ -60,18 +60,6 @@ def read_mask(path: str, threshold: float = 0.5) -> np.ndarray:
         raise ValueError(f"{path}: empty mask.")
     top = 1.0 if array.max() <= 1 else (255.0 if array.max() <= 255 else float(array.max()))
     return (array > threshold * top).astype(np.uint8)
-
-
-class LoadImageRGBd(MapTransform):
-    """:class:`networks.classification.LoadImage2Dd` as a MONAI ``MapTransform`` (so that ``CacheDataset`` caches its
-    output): image paths under ``keys`` to ``(3, H, W)`` float32 ``MetaTensor`` in [0, 1]."""
-
-    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImage2Dd(self.keys, allow_missing_keys)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        return self.loader(data)
 
 
 class LoadMask2Dd(MapTransform):
@@ -110,7 +98,7 @@ class _CheckSameSize(Transform):
 
 
 def _load(keys: Sequence[str]) -> list:
-    loaders = [LoadImageRGBd("image")]
+    loaders = [LoadImage2Dd("image")]
     if "label" in keys:
         loaders += [LoadMask2Dd("label"), _CheckSameSize()]
     return loaders
@@ -159,7 +147,7 @@ def split_cases(items: Sequence[dict], fractions: Sequence[float] = (0.8, 0.1, 0
                 stratum_key: str = "stratum", group_key: str = "case") -> list[list[dict]]:
     """Training/validation/test lists of ``items`` in about ``fractions``, reproducible from ``seed``; items sharing a
     ``group_key`` value (a patient) stay on one side and each ``stratum_key`` value (a diagnosis; optional) is spread
-    over the sides in the same proportions (:func:`networks.classification.grouped_stratified_split`)."""
+    over the sides in the same proportions (:func:`networks.data.grouped_stratified_split`)."""
     rows = [{**item, "_group": item.get(group_key, i), "_stratum": int(item.get(stratum_key, 0))}
             for i, item in enumerate(items)]
     splits = grouped_stratified_split(rows, fractions, seed, group_key="_group", label_key="_stratum")

@@ -1,5 +1,6 @@
 """Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from,
-starting from another run's weights, building the loader of a stream of slices."""
+starting from another run's weights (whole network or encoder), class-balanced loss weights, building the loader of
+a stream of slices."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import glob
 import os
 import pickle
 import re
+from typing import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["as_bool", "handlers_for_rank", "latest_checkpoint", "read_weights", "slice_loader", "with_weights"]
+__all__ = ["as_bool", "class_weights", "handlers_for_rank", "latest_checkpoint", "read_weights", "slice_loader",
+           "with_encoder_weights", "with_weights"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -117,3 +121,45 @@ def handlers_for_rank(handlers: list | None) -> list:
     writers = (CheckpointSaver, StatsHandler, TensorBoardHandler, MLFlowHandler, ClearMLHandler, MetricsSaver,
                ProgressBar)
     return [h for h in handlers if not isinstance(h, writers)]
+
+
+def class_weights(datalist: Sequence[dict], num_classes: int, label_key: str = "label",
+                  device: str | torch.device | None = None) -> torch.Tensor:
+    """Inverse-frequency class weights (mean 1 over the classes present) for ``torch.nn.CrossEntropyLoss``; a class
+    absent from ``datalist`` gets weight 0. On ``device`` when given (a config's ``_target_`` component)."""
+    counts = np.bincount([int(item[label_key]) for item in datalist], minlength=num_classes).astype(np.float64)
+    if len(counts) > num_classes:
+        raise ValueError(f"labels up to {len(counts) - 1} found, but num_classes is {num_classes}.")
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(int((counts > 0).sum()), 1), 0.0)
+    present = weights[counts > 0]
+    weights = weights / present.mean() if len(present) else weights
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+
+def with_encoder_weights(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """``network`` (an LTMedNeXtClassifier, or one wrapped in DistributedDataParallel) with its encoder initialised
+    from the ``encoder.*`` weights of another LTMedNeXt checkpoint at ``path`` (a segmentation bundle's
+    ``models/model.pt``, for example); unchanged when ``path`` is empty or None.
+
+    A stem trained on fewer input channels (1 for CT/MR) is spread evenly over this network's channels, so a grey
+    image replicated to RGB gives the stem exactly the response it was trained on. Everything outside the encoder
+    (the classification head) keeps its initialisation.
+    """
+    if not path:
+        return network
+    target = getattr(network, "module", network)
+    state = read_weights(path)
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"{path}: no encoder.* weights (not an LTMedNeXt checkpoint?)")
+    own = target.encoder.state_dict()
+    stem = "stem.0.weight"
+    if stem in encoder and stem in own and encoder[stem].shape[1] != own[stem].shape[1]:
+        mean = encoder[stem].mean(1, keepdim=True)
+        encoder[stem] = mean.expand(-1, own[stem].shape[1], -1, -1) * (encoder[stem].shape[1] / own[stem].shape[1])
+    mismatched = [k for k in own if k not in encoder or encoder[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: encoder weights do not fit this network (size or width differs): "
+                         f"{', '.join(mismatched[:5])}")
+    target.encoder.load_state_dict(encoder)
+    return network

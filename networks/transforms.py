@@ -1,4 +1,5 @@
-"""Transforms the volume bundles need beyond MONAI's."""
+"""Transforms the bundles need beyond MONAI's: 2D image loading, an in-place intensity window, argmax labels and the
+largest connected component per label."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
-__all__ = ["ArgmaxLabelsd", "KeepLargestComponentPerLabeld", "WindowIntensityd"]
+from networks.image_io import read_image_rgb
+
+__all__ = ["ArgmaxLabelsd", "KeepLargestComponentPerLabeld", "LoadImage2D", "LoadImage2Dd", "WindowIntensityd"]
 
 
 class WindowIntensityd(MapTransform):
@@ -110,3 +113,31 @@ class KeepLargestComponentPerLabeld(MapTransform):
         out = spatial.copy()
         out[~keep[regions]] = 0
         return out[None]
+
+
+class LoadImage2D(Transform):
+    """Transform: a path to a ``(3, H, W)`` float32 ``MetaTensor`` in [0, 1] (:func:`networks.image_io.read_image_rgb`),
+    with ``filename_or_obj`` and the original ``spatial_shape`` in its meta data. Rows are the image's rows (no
+    transpose), the same in training and inference."""
+
+    def __call__(self, path: str):
+        from monai.data import MetaTensor
+
+        array = read_image_rgb(str(path))
+        tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return MetaTensor(tensor, meta={"filename_or_obj": str(path), "spatial_shape": np.asarray(array.shape[:2])})
+
+
+class LoadImage2Dd(MapTransform):
+    """Dictionary version of :class:`LoadImage2D`: the image paths under ``keys`` are loaded in place (a MONAI
+    ``MapTransform``, so ``CacheDataset`` caches its output)."""
+
+    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage2D()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d

@@ -1,4 +1,5 @@
-"""networks.classification: image loading, grouped stratified splits, class weights, metrics and the report handler."""
+"""2D image loading (networks.image_io, networks.transforms), grouped stratified splits (networks.data), class and
+encoder weights (networks.training), classification metrics and the report handler (networks.classification)."""
 
 import csv
 import os
@@ -12,9 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import make_photo
-from networks.classification import (ClassificationMetric, ClassificationReport, LoadImage2Dd, class_weights,
-                                     classification_metrics, find_images, grouped_stratified_split, read_image_rgb,
-                                     roc_auc)
+from networks.classification import ClassificationMetric, ClassificationReport, classification_metrics, roc_auc
+from networks.data import grouped_stratified_split
+from networks.image_io import find_images, read_image_rgb
+from networks.training import class_weights
+from networks.transforms import LoadImage2Dd
 
 # ---------------------------------------------------------------------------------------------------------- metrics
 BINARY_LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
@@ -214,7 +217,7 @@ def test_encoder_weights_from_a_grey_segmentation_checkpoint(tmp_path):
     replicated to RGB the stem answers as the segmentation stem does; the head keeps its own initialisation; a
     checkpoint of another size is refused naming the file."""
     from networks import LTMedNeXt, LTMedNeXtClassifier
-    from networks.classification import with_encoder_weights
+    from networks.training import with_encoder_weights
 
     torch.manual_seed(0)
     segmenter = LTMedNeXt(2, 1, 4, "T")
@@ -234,3 +237,19 @@ def test_encoder_weights_from_a_grey_segmentation_checkpoint(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt: cannot read"):
         with_encoder_weights(classifier, str(tmp_path / "broken.pt"))
+
+
+def test_moved_names_still_resolve_from_networks_classification():
+    """Configs written before networks.classification was split by concern name ``networks.classification.X`` as
+    ``_target_``: they resolve to the new home with a DeprecationWarning; an unknown name is still an AttributeError."""
+    import networks.classification as classification
+    from monai.bundle import ConfigParser
+
+    with pytest.warns(DeprecationWarning, match="networks.transforms.LoadImage2Dd"):
+        config = ConfigParser({"t": {"_target_": "networks.classification.LoadImage2Dd", "keys": "image"}})
+        loader = config.get_parsed_content("t")
+    assert isinstance(loader, LoadImage2Dd)
+    with pytest.warns(DeprecationWarning):
+        assert classification.class_weights is class_weights
+    with pytest.raises(AttributeError):
+        classification.no_such_name

@@ -45,8 +45,7 @@ from typing import Sequence
 import fire
 import numpy as np
 
-from networks.classification import grouped_stratified_split
-from networks.data import load_datalist, write_atomic, write_datalist, write_json_atomic
+from networks.data import grouped_stratified_split, load_datalist, write_atomic, write_datalist, write_json_atomic
 
 log = logging.getLogger("crossval")
 

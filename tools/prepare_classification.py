@@ -5,7 +5,7 @@ Every layout becomes the same thing: ``OUT_DIR/datalist.json`` with ``training``
 datalist (the images stay where they are; only pneumoniamnist, stored as arrays, is written out as PNG), plus
 ``classes`` (names in index order), ``grouping`` and the split settings. The split keeps each group (patient, or
 source paper when no patient id exists) on one side and each class in the same proportions on every side
-(``networks.classification.grouped_stratified_split``; fixed ``seed``). Layouts:
+(``networks.data.grouped_stratified_split``; fixed ``seed``). Layouts:
 
 * ``monkeypox``: Monkeypox Skin Lesion Dataset, ``Monkey Pox/`` and ``Others/`` folders of JPGs; patient = the file
   name before ``_`` (``P13_2.jpg`` -> P13). Classes: 0 others (chickenpox, measles), 1 monkeypox.
@@ -41,7 +41,8 @@ from collections import Counter
 
 import fire
 
-from networks.classification import find_images, grouped_stratified_split
+from networks.data import grouped_stratified_split
+from networks.image_io import find_images
 from networks.data import write_datalist
 
 FRACTIONS = (0.7, 0.15, 0.15)  # training, validation, test

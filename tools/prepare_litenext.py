@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Sequence
 import fire
 import numpy as np
 
-from networks.classification import IMAGE_SUFFIXES, read_image_rgb
+from networks.image_io import IMAGE_SUFFIXES, read_image_rgb
 from networks.data import write_datalist, write_png_atomic
 from networks.segmentation2d import read_mask, split_cases
 

@@ -32,7 +32,7 @@ def _name(relative: str, keep_suffix: bool) -> str:
 def discover(input_path: str) -> list[Image2D]:
     """Every 2D image under ``input_path`` (or the one image it names), in a stable order, with unique case names;
     UsageError when there is none."""
-    from networks.classification import IMAGE_SUFFIXES, find_images, is_dicom
+    from networks.image_io import IMAGE_SUFFIXES, find_images, is_dicom
 
     if not os.path.exists(input_path):
         raise UsageError(f"{input_path}: input not found.")
