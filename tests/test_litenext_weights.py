@@ -1,4 +1,4 @@
-"""The shipped LiteNeXt weights (DSB2018, ISIC 2018, PH2) on their unseen test images, through tools/infer.py's 2D path: masks of
+"""The shipped LiteNeXt weights (DSB2018, GlaS, ISIC 2018, PH2) on their unseen test images, through tools/infer.py's 2D path: masks of
 each image's size that match the real annotations (a regression guard well below the measured test Dice, see the
 bundles' docs/README.md)."""
 
@@ -11,11 +11,12 @@ from PIL import Image
 from conftest import BUNDLES, REPO, shared_data
 
 from networks.segmentation2d import binary_metrics, read_mask
-from tools.prepare_litenext import dsb2018_pairs, isic2018_pairs, ph2_pairs, resize_nearest, split_of
+from tools.prepare_litenext import dsb2018_pairs, glas_pairs, isic2018_pairs, ph2_pairs, resize_nearest, split_of
 from networks.batch.runners import run
 
 CASES = {  # bundle, sample folder, pairs of its layout, split fractions of the bundle's datalist, guard on mean Dice
     "dsb2018": ("dsb2018_litenext_segmentation", "dsb2018", dsb2018_pairs, (0.8, 0.1, 0.1), 0.75),
+    "glas": ("glas_litenext_segmentation", "glas", glas_pairs, (0.8, 0.1, 0.1), 0.62),  # test: GlaS's own testB images
     "isic2018": ("isic2018_litenext_segmentation", "isic2017", isic2018_pairs, (0.8, 0.1, 0.1), 0.78),
     "ph2": ("ph2_litenext_segmentation", "ph2", ph2_pairs, (0.6, 0.2, 0.2), 0.85),
 }
