@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from conftest import BUNDLES, shared_data
+from helpers import BUNDLES, shared_data
 
 # TotalSegmentator v2 "total" ids of the organs in ../shared/data/ct_nifti_3d/example_seg.nii.gz, by the names our
 # bundles use in channel_def

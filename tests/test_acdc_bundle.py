@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLES, REPO, copy_with_random_weights, shared_data
+from helpers import BUNDLES, copy_with_random_weights, shared_data
 
 from networks.data import ACDC_H5_SPACING, load_datalist
 from tools import prepare_acdc

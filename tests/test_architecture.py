@@ -4,7 +4,7 @@ functions count), and nothing edits ``sys.path`` to reach the project's own modu
 import ast
 import os
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGES = ("networks", "tools")
 

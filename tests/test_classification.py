@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_photo
+from helpers import make_photo
 from networks.classification import ClassificationMetric, ClassificationReport, classification_metrics, roc_auc
 from networks.data import grouped_stratified_split
 from networks.image_io import find_images, read_image_rgb

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import CLASSIFICATION_BUNDLES, COVID19_SLICES, MONKEYPOX, REPO, SARSCOV2, shared_data
+from helpers import CLASSIFICATION_BUNDLES, COVID19_SLICES, MONKEYPOX, REPO, SARSCOV2, shared_data
 
 # small settings so an epoch takes seconds on a CPU
 FAST = ["--image_size", "[64, 64]", "--num_threads", "2", "--train#dataloader#batch_size", "4",

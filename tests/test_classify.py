@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import COVID19_SLICES, REPO, make_photo
+from helpers import COVID19_SLICES, REPO, make_photo
 
 from networks.batch.core import CLASSIFICATION, BundleSpec
 from networks.batch.images import ImageClassifier, discover
@@ -139,7 +139,7 @@ def test_colour_mode_carries_no_label(tmp_path):
     RGB, so an RGB and an RGBA copy of one real image get the same probabilities from the shipped classifier."""
     from PIL import Image
 
-    from conftest import SARSCOV2, shared_data
+    from helpers import SARSCOV2, shared_data
 
     folder = shared_data("sarscov2_ct", "non-COVID")
     original = Image.open(os.path.join(folder, sorted(os.listdir(folder))[0]))

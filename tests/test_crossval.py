@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
 from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds

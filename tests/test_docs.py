@@ -4,7 +4,7 @@ docs/ (``docs/benchmarks.md``, ``bundles/*/docs/experiments.md``), and a size li
 import glob
 import os
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
 
 README_LIMIT = 15_000  # bytes
 CARD_LIMIT = 10_000

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from bundle_samples import exported, labelled_volumes, labels, volume_bundles
-from conftest import BUNDLES, SYNAPSE, shared_data
+from helpers import BUNDLES, SYNAPSE, shared_data
 from tools.export_bundle import UsageError, export, networks_expressions
 from tools.verify_bundle import sha256
 

@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, make_ct_volume, shared_data
+from helpers import REPO, make_ct_volume, shared_data
 
 from networks.batch.runners import run
-from networks.batch.volumes import Case, discover
+from networks.batch.volumes import discover
 
 
 def _summary(folder):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
 from networks.segmentation2d import (BinarySegmentationReport, binary_metrics, eval_transforms,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BUNDLES, REPO, shared_data
+from helpers import BUNDLES, shared_data
 
 from networks.segmentation2d import binary_metrics, read_mask
 from tools.prepare_litenext import dsb2018_pairs, glas_pairs, isic2018_pairs, ph2_pairs, resize_nearest, split_of

@@ -37,7 +37,6 @@ import pytest
 import requests
 
 from bundle_samples import exported, labelled_volumes, labels, volume_bundles
-from conftest import REPO
 
 MLVENV = os.environ.get("LITEMED_MLVENV", "/tmp/mlvenv")
 MLPYTHON = os.path.join(MLVENV, "bin", "python")

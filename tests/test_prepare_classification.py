@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import REPO, make_photo, shared_data
+from helpers import make_photo, shared_data
 
 from tools import prepare_classification as prep
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, shared_data
+from helpers import shared_data
 
 from tools.prepare_litenext import Pair, contour_mask, convert, main, prepare
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_data
+from helpers import shared_data
 
 from networks.data import btcv_to_synapse, load_datalist
 from tools import prepare_synapse

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, make_ct_volume
+from helpers import REPO, make_ct_volume
 
 if importlib.util.find_spec("ray") is None:
     if os.environ.get("CI", "").lower() == "true":  # .ci/run installs the extra: there, a missing Ray is a failure

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 from tools.render_bundles import OPTIONAL, REQUIRED, TEMPLATES, render_config, renderings, stale
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, SYNAPSE, shared_data
+from helpers import REPO, SYNAPSE, shared_data
 
 # small settings so a training epoch takes seconds on a CPU
 FAST = ["--roi_size", "[64, 64]", "--num_threads", "2", "--train#dataloader#batch_size", "4",

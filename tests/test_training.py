@@ -12,7 +12,7 @@ import torch
 
 from networks.training import as_bool, latest_checkpoint, slice_loader, with_weights
 
-from conftest import BUNDLES
+from helpers import BUNDLES
 
 
 def test_latest_checkpoint_only_resumes_unfinished_runs(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
 
 from tools.verify_bundle import expression_problem, record_hashes
 
