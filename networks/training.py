@@ -1,6 +1,6 @@
 """Helpers that bundle configs call: reading a flag given on the command line, finding the checkpoint to resume from,
-starting from another run's weights (whole network or encoder), class-balanced loss weights, building the loader of
-a stream of slices."""
+starting from another run's weights (whole network or encoder), class-balanced loss weights, the slices of volumes and
+their loader."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_bool", "class_weights", "handlers_for_rank", "latest_checkpoint", "read_weights", "slice_loader",
-           "with_encoder_weights", "with_weights"]
+__all__ = ["SliceDataset", "as_bool", "class_weights", "handlers_for_rank", "latest_checkpoint", "read_weights",
+           "slice_loader", "with_encoder_weights", "with_weights"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -89,20 +89,56 @@ def with_weights(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
     return network
 
 
-def slice_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs):
-    """MONAI's ``DataLoader`` over a stream of slices (``ShuffleBuffer`` of a ``GridPatchDataset``), in the main process.
+class SliceDataset(torch.utils.data.Dataset):
+    """The 2D slices of 3D volumes, one item per (volume, slice) pair: how 2D networks train on volumes.
 
-    With worker processes MONAI 1.6 splits that stream twice, once in the patch dataset and once in the shuffle
-    buffer, so each of ``n`` workers keeps a ``1/n^2`` share and an epoch silently loses ``1 - 1/n`` of the slices
-    (Project-MONAI/MONAI#7986; ``tests/test_training.py`` measures it). Asking for workers is therefore an error
-    rather than a quietly smaller training set.
+    Each slice is one index, so any sampler and any number of ``DataLoader`` workers see every slice exactly once per
+    epoch (a shuffled loader in one process, ``DistributedSampler`` across ranks); random slice transforms run in the
+    worker that loads the slice. MONAI's ``GridPatchDataset`` + ``ShuffleBuffer`` stream, used before, loses slices
+    with workers (Project-MONAI/MONAI#7986).
+
+    Args:
+        data: a sequence of dicts whose ``keys`` hold channel-first volumes ``(C, H, W, D)``, typically a
+            ``CacheDataset`` of preprocessed volumes (give it ``copy_cache=False``: a slice is copied, not its volume;
+            forked workers share the cache).
+        keys: the volume keys to slice along the last axis; other keys are passed through.
+        transform: applied to each slice dict, whose ``keys`` then hold ``(C, H, W)`` tensors.
     """
+
+    def __init__(self, data, keys: Sequence[str] = ("image", "label"), transform=None) -> None:
+        self.data = data
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.transform = transform
+        self.index = [(v, s) for v in range(len(data)) for s in range(int(data[v][self.keys[0]].shape[-1]))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        from monai.transforms import apply_transform
+
+        volume_index, slice_index = self.index[i]
+        volume = self.data[volume_index]
+        item = {k: (v[..., slice_index].clone() if k in self.keys else v) for k, v in volume.items()}
+        return apply_transform(self.transform, item) if self.transform is not None else item
+
+
+def slice_loader(dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0, **kwargs):
+    """MONAI's ``DataLoader`` over a :class:`SliceDataset`: shuffled, ``num_workers`` processes (persistent), pinned
+    memory on CUDA. Under ``torch.distributed`` a ``DistributedSampler`` gives each rank an equal share of the slices
+    (the few that do not divide evenly are left out that epoch, a different few each epoch) and none to two ranks;
+    equal shares keep the ranks' iteration counts, and so their gradient all-reduces, in step."""
     from monai.data import DataLoader
 
-    if int(num_workers) != 0:
-        raise ValueError(f"num_workers must be 0 for a stream of slices (ShuffleBuffer over GridPatchDataset), got "
-                         f"{num_workers}: MONAI's worker split drops slices (Project-MONAI/MONAI#7986).")
-    return DataLoader(dataset, batch_size=batch_size, num_workers=0, **kwargs)
+    num_workers = int(num_workers)
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=bool(shuffle), seed=int(seed), drop_last=True)
+        shuffle = False
+    kwargs.setdefault("persistent_workers", num_workers > 0)
+    kwargs.setdefault("pin_memory", torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=int(batch_size), shuffle=bool(shuffle), sampler=sampler,
+                      num_workers=num_workers, **kwargs)
 
 
 def handlers_for_rank(handlers: list | None) -> list:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from networks.training import as_bool, latest_checkpoint, slice_loader, with_weights
+from networks.training import SliceDataset, as_bool, latest_checkpoint, slice_loader, with_weights
 
 from helpers import BUNDLES
 
@@ -33,29 +33,83 @@ def test_as_bool_reads_command_line_flags():
             as_bool(bad)
 
 
-def _slice_stream(volumes: int = 3, depth: int = 5):
-    from monai.data import GridPatchDataset, PatchIter, ShuffleBuffer
-
-    data = [np.full((1, 4, 4, depth), v, dtype=np.float32) for v in range(volumes)]
-    return ShuffleBuffer(GridPatchDataset(data, PatchIter(patch_size=(None, None, 1)), with_coordinates=False),
-                         buffer_size=100, seed=0)
+def _volumes(depths=(5, 3, 7)) -> list[dict]:
+    """Volumes whose every voxel of slice s of volume v holds 100 * v + s: a slice says where it came from."""
+    return [{"image": torch.zeros(1, 4, 4, d).add_(torch.arange(d).float() + 100 * v), "label": torch.zeros(1, 4, 4, d),
+             "case": f"v{v}"} for v, d in enumerate(depths)]
 
 
-def test_slice_loader_yields_every_slice_and_refuses_workers():
-    batches = list(slice_loader(_slice_stream(), batch_size=4))
-    assert sum(len(b) for b in batches) == 15
-    for workers in (2, "1"):
-        with pytest.raises(ValueError, match="num_workers must be 0.*7986"):
-            slice_loader(_slice_stream(), batch_size=4, num_workers=workers)
+def _slice_ids(batches) -> list[int]:
+    return [int(image[0, 0, 0]) for batch in batches for image in batch["image"]]
+
+
+ALL_SLICES = sorted(100 * v + s for v, d in enumerate((5, 3, 7)) for s in range(d))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_slice_loader_sees_every_slice_once_per_epoch_with_any_number_of_workers(workers):
+    from monai.transforms import RandFlipd
+
+    dataset = SliceDataset(_volumes(), transform=RandFlipd(["image", "label"], prob=0.5, spatial_axis=1))
+    assert len(dataset) == 15
+    item = dataset[0]
+    assert item["image"].shape == (1, 4, 4) and item["case"] == "v0"
+    loader = slice_loader(dataset, batch_size=4, num_workers=workers)
+    for _ in range(2):  # persistent workers: the second epoch is complete too
+        assert sorted(_slice_ids(loader)) == ALL_SLICES
+    assert _slice_ids(loader) != _slice_ids(loader)  # shuffled anew each epoch
 
 
 def test_monai_worker_split_still_drops_slices():
-    """Why slice_loader refuses workers: MONAI's own DataLoader with 2 workers loses slices of the same stream. If this
-    fails, MONAI has fixed Project-MONAI/MONAI#7986 and the guard can go."""
-    from monai.data import DataLoader
+    """Why SliceDataset replaced the GridPatchDataset + ShuffleBuffer stream: MONAI's DataLoader with 2 workers loses
+    slices of that stream (Project-MONAI/MONAI#7986). If this fails, MONAI has fixed it."""
+    from monai.data import DataLoader, GridPatchDataset, PatchIter, ShuffleBuffer
 
-    seen = sum(len(b) for b in DataLoader(_slice_stream(), batch_size=4, num_workers=2))
-    assert seen < 15
+    data = [np.full((1, 4, 4, 5), v, dtype=np.float32) for v in range(3)]
+    stream = ShuffleBuffer(GridPatchDataset(data, PatchIter(patch_size=(None, None, 1)), with_coordinates=False),
+                           buffer_size=100, seed=0)
+    assert sum(len(b) for b in DataLoader(stream, batch_size=4, num_workers=2)) < 15
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, os.environ["TEST_DIR"])
+from test_training import _slice_ids, _volumes
+from networks.training import SliceDataset, slice_loader
+dist.init_process_group("gloo")
+loader = slice_loader(SliceDataset(_volumes()), batch_size=2, num_workers=1)
+seen = []
+for epoch in range(2):
+    loader.sampler.set_epoch(epoch)  # what MONAI's trainer does at each epoch start
+    seen.append(_slice_ids(loader))
+with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(seen, f)
+dist.destroy_process_group()
+"""
+
+
+def test_slice_loader_gives_each_rank_an_equal_share_and_no_slice_twice(tmp_path):
+    """torchrun, 2 processes (gloo), one worker each: 15 slices give each rank 7, none on both ranks; one slice, a
+    different one each epoch, waits for the next (equal shares keep DDP's all-reduces in step)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "TEST_DIR": os.path.dirname(__file__), "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", "--master_port=29531", str(script)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    left_out = []
+    for epoch in (0, 1):
+        first, second = ranks[0][epoch], ranks[1][epoch]
+        assert len(first) == len(second) == 7 and not set(first) & set(second)
+        assert len(set(first)) == 7 and set(first) | set(second) <= set(ALL_SLICES)
+        left_out.append(set(ALL_SLICES) - set(first) - set(second))
+    assert all(len(s) == 1 for s in left_out) and left_out[0] != left_out[1]
 
 
 def _tiny_net(seed: int) -> torch.nn.Module:
