@@ -52,7 +52,7 @@ ALLOWED_MODULES = {"glob", "os", "ignite", "torch", "monai", "numpy", "networks"
 ALLOWED_NAMES = ALLOWED_MODULES | {"np", "dist", "True", "False", "None", "int", "float", "str", "bool", "len", "list",
                                    "dict", "tuple", "range", "min", "max", "sorted", "sum", "abs", "isinstance", "zip",
                                    "enumerate", "any", "all"}
-OS_ATTRIBUTES = {"path", "environ", "sep"}
+OS_ATTRIBUTES = {"path", "environ", "sep", "cpu_count"}  # read-only
 REFERENCE = "_reference"  # what an ``@id`` becomes before parsing
 TOLERANCE = 1e-4
 CLASSIFICATION_FORMATS = ("classes", "classification")
