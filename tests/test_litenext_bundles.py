@@ -351,7 +351,7 @@ def test_infer_usage_errors_for_2d_bundles(tmp_path, random_litenext_bundle, cap
             (random_litenext_bundle, tmp_path / "in", {"ray_address": "local"}, "--ray_address are for volume"),
             (random_litenext_bundle, empty, {}, "no 2D images"),
             (random_litenext_bundle, tmp_path / "in", {"imgae_size": [64, 64]}, "--imgae_size"),
-            (os.path.join(BUNDLES, "glas_litenext_segmentation"), tmp_path / "in", {}, "train it first")):
+            (os.path.join(BUNDLES, "lungxray_litenext_segmentation"), tmp_path / "in", {}, "train it first")):
         with pytest.raises(SystemExit) as exit_info:
             main(str(bundle), str(input), str(tmp_path / "out"), **extra)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
