@@ -72,9 +72,8 @@ def test_monai_worker_split_still_drops_slices():
 
 
 RANK_SCRIPT = """
-import json, os, sys
+import json, os
 import torch.distributed as dist
-sys.path.insert(0, os.environ["TEST_DIR"])
 from test_training import _slice_ids, _volumes
 from networks.training import SliceDataset, slice_loader
 dist.init_process_group("gloo")
@@ -97,7 +96,7 @@ def test_slice_loader_gives_each_rank_an_equal_share_and_no_slice_twice(tmp_path
 
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "TEST_DIR": os.path.dirname(__file__), "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_addr=127.0.0.1", "--master_port=29531", str(script)],
                             env=env, capture_output=True, text=True, timeout=300)

@@ -144,7 +144,7 @@ def build(name: str) -> nn.Module:
     return NETWORKS[name][1]().eval()
 
 
-def _median_rate(step: Callable[[], object], batch: int, repeats: int) -> float:
+def median_rate(step: Callable[[], object], batch: int, repeats: int) -> float:
     """Slices per second: ``batch`` over the median time of ``repeats`` calls of ``step`` after the warm-up."""
     for _ in range(WARMUP):
         step()
@@ -210,7 +210,7 @@ def training_rate(model: nn.Module, batch: int, size: int, repeats: int) -> floa
         loss_function(model(images), masks).backward()
         optimizer.step()
 
-    return _median_rate(step, batch, repeats)
+    return median_rate(step, batch, repeats)
 
 
 def _resident_kib() -> tuple[int, int]:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import fire
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from networks.data import write_atomic
+from tools.benchmark import median_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HU_WINDOW = (-125.0, 275.0)  # the Synapse bundle's
@@ -64,16 +63,6 @@ def lowest_dice(labels: np.ndarray, reference: np.ndarray) -> float:
     scores = [2.0 * np.sum((labels == c) & (reference == c)) / (np.sum(labels == c) + np.sum(reference == c))
               for c in np.unique(reference) if c != 0]
     return float(min(scores)) if scores else float("nan")
-
-
-def rate(run, batch: int, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
 
 
 def onnx_models(network: torch.nn.Module, shape: tuple[int, ...], calibration: np.ndarray, folder: str) -> dict:
@@ -119,20 +108,20 @@ def compare(title: str, network: torch.nn.Module, calibration: np.ndarray, test:
         reference = network(inputs).numpy()
         out_channels = reference.shape[1]
         unet = UNet(2, channels, out_channels, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).eval()
-        unet_rate = rate(lambda: unet(inputs), len(test), repeats)
+        unet_rate = median_rate(lambda: unet(inputs), len(test), repeats)
         reference_labels = labels_of(reference)
-        rows.append(("fp32 eager", rate(lambda: network(inputs), len(test), repeats), 1.0))
+        rows.append(("fp32 eager", median_rate(lambda: network(inputs), len(test), repeats), 1.0))
         with tempfile.TemporaryDirectory() as folder:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             for label, path in onnx_models(network, test.shape[1:], calibration, folder).items():
                 session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
                 outputs = session.run(None, {"image": test})[0]
-                rows.append((label, rate(lambda: session.run(None, {"image": test}), len(test), repeats),
+                rows.append((label, median_rate(lambda: session.run(None, {"image": test}), len(test), repeats),
                              lowest_dice(labels_of(outputs), reference_labels)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = network(inputs).float().numpy()
-            rows.append(("bf16 autocast eager", rate(lambda: network(inputs), len(test), repeats),
+            rows.append(("bf16 autocast eager", median_rate(lambda: network(inputs), len(test), repeats),
                          lowest_dice(labels_of(outputs), reference_labels)))
     lines = [f"## {title}", "", f"{len(test)} slices of {'x'.join(map(str, test.shape[1:]))}, calibration on "
              f"{len(calibration)} others; MONAI UNet fp32 eager: {unet_rate:.1f} slices/s", "",
