@@ -1,6 +1,6 @@
-"""The shipped LiteNeXt weights (DSB2018, GlaS, ISIC 2018, PH2, Sunnybrook) on their unseen test images, through tools/infer.py's 2D path: masks of
-each image's size that match the real annotations (a regression guard well below the measured test Dice, see the
-bundles' docs/README.md)."""
+"""The shipped LiteNeXt weights (DSB2018, GlaS, ISIC 2018, PH2, Sunnybrook) on their unseen test images, through
+tools/infer.py's 2D path: masks of each image's size that match the real annotations (a regression guard well below
+the measured test Dice, see the bundles' docs/README.md)."""
 
 import os
 
