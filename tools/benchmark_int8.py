@@ -18,6 +18,7 @@ between the row's labels and fp32 eager's. Nothing is downloaded; the quantized 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -28,20 +29,25 @@ import numpy as np
 import torch
 
 from networks.data import write_atomic
+from networks.evaluation import dice
 from tools.benchmark import median_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HU_WINDOW = (-125.0, 275.0)  # the Synapse bundle's
+SYNAPSE = os.path.join(REPO, "bundles", "synapse_ltmednext_segmentation")
 
 
-def ct_slices(size: int = 224) -> np.ndarray:
-    """The shipped CT sample's axial slices, windowed to [0, 1] and resized: ``(N, 1, size, size)`` float32."""
+def ct_slices() -> np.ndarray:
+    """The shipped CT sample's axial slices, in the Synapse bundle's HU window scaled to [0, 1] and resized to its
+    ``roi_size``: ``(N, 1, H, W)`` float32."""
     import nibabel as nib
 
+    with open(os.path.join(SYNAPSE, "configs", "inference.json")) as f:
+        config = json.load(f)
+    low, high = config["hu_window"]
     volume = nib.load(os.path.join(REPO, "samples", "ct_nifti", "example_ct_sm.nii.gz")).get_fdata(dtype=np.float32)
-    volume = np.clip((volume - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0.0, 1.0)
+    volume = np.clip((volume - low) / (high - low), 0.0, 1.0)
     slices = torch.from_numpy(volume).permute(2, 0, 1)[:, None]
-    return torch.nn.functional.interpolate(slices, size=(size, size), mode="bilinear").numpy()
+    return torch.nn.functional.interpolate(slices, size=tuple(config["roi_size"]), mode="bilinear").numpy()
 
 
 def rgb_images(folder: str, size: int = 256) -> np.ndarray:
@@ -60,8 +66,7 @@ def labels_of(logits: np.ndarray) -> np.ndarray:
 
 def lowest_dice(labels: np.ndarray, reference: np.ndarray) -> float:
     """The lowest Dice, over the foreground classes present in ``reference``, between two label arrays."""
-    scores = [2.0 * np.sum((labels == c) & (reference == c)) / (np.sum(labels == c) + np.sum(reference == c))
-              for c in np.unique(reference) if c != 0]
+    scores = [dice(labels == c, reference == c) for c in np.unique(reference) if c != 0]
     return float(min(scores)) if scores else float("nan")
 
 
