@@ -55,16 +55,17 @@ def test_cli_writes_predictions_and_reports_a_corrupt_image(random_weight_classi
     assert summary["broken"]["output"] == ""
     assert [summary[c]["status"] for c in ("a", "b", "nested__c")] == ["ok", "ok", "ok"]
     assert os.path.isfile(out / "summary.json") and not [n for n in os.listdir(out) if n.startswith(".tmp_")]
-    # a rerun predicts nothing twice; the corrupt file fails again until it is fixed
-    assert _infer(random_weight_classifier, source, out).returncode == 1
+    # a rerun predicts nothing twice; the corrupt file fails again until it is fixed (reruns in-process: the CLI
+    # above already went through tools/infer.py)
+    assert run(str(random_weight_classifier), str(source), str(out)) == 1
     assert [r["status"] for r in _csv(out / "summary.csv")] == ["skipped", "skipped", "failed", "skipped"]
     os.remove(source / "broken.jpg")
     make_photo(source / "d.bmp", 0, seed=4)
-    assert _infer(random_weight_classifier, source, out).returncode == 0
+    assert run(str(random_weight_classifier), str(source), str(out)) == 0
     assert [r["case"] for r in _csv(out / "predictions.csv")] == ["a", "b", "d", "nested__c"]
     assert [r["status"] for r in _csv(out / "summary.csv")] == ["skipped", "skipped", "ok", "skipped"]
     # --overwrite predicts every image again and keeps one row per image
-    assert _infer(random_weight_classifier, source, out, "--overwrite").returncode == 0
+    assert run(str(random_weight_classifier), str(source), str(out), overwrite=True) == 0
     assert [r["status"] for r in _csv(out / "summary.csv")] == ["ok"] * 4
     assert [r["case"] for r in _csv(out / "predictions.csv")] == ["a", "b", "d", "nested__c"]
 

@@ -119,7 +119,7 @@ def test_crossval_runs_a_bundle_writes_tables_and_resumes(tmp_path):
     out = tmp_path / "cv"
     args = [str(bundle), str(datalist), "--folds", "2", "--output", str(out), "--val_fraction", "0.2",
             "--image_size", "[32, 32]", "--use_serp", "false", "--train#trainer#max_epochs", "1", "--num_threads", "1",
-            "--train#dataloader#batch_size", "2"]
+            "--train#dataloader#batch_size", "2", "--parallel", "2"]  # the two folds side by side, as on 2 cores
     done = _crossval(*args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     with open(out / "crossval_cases.csv") as f:
