@@ -412,3 +412,54 @@ def test_isic2018_layout_with_real_dermoscopy_images(tmp_path):
         original = np.asarray(Image.open(os.path.join(src, case, f"{case}_lesion", f"{case}_lesion.bmp")).convert("L"))
         np.testing.assert_array_equal(_read(tmp_path / "out" / item["label"]), (original > 127).astype(np.uint8))
         assert _read(tmp_path / "out" / item["image"]).shape == (*original.shape, 3)
+
+
+def _acdc_prepared(root, volumes):
+    """A folder as tools/prepare_acdc.py writes it: NIfTI volumes (x, y, slice) and datalist.json."""
+    import nibabel as nib
+
+    items = []
+    for case, (image, label) in volumes.items():
+        for kind, array in (("imagesTr", image), ("labelsTr", label)):
+            os.makedirs(root / kind, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, np.eye(4)), str(root / kind / f"{case}.nii.gz"))
+        items.append({"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz", "case": case,
+                      "patient": int(case[7:10])})
+    (root / "datalist.json").write_text(json.dumps({"training": items[:-1], "validation": items[-1:], "test": []}))
+
+
+def test_acdc_lv_slices_with_the_cavity_in_display_orientation(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 900, (12, 10, 3)).astype(np.float32)  # x, y, slice: raw MRI intensities
+    label = np.zeros((12, 10, 3), np.uint8)
+    label[2:6, 3:5, 0] = 3  # LV cavity on slices 0 and 2; slice 1 shows only the RV
+    label[1:4, 1:3, 1] = 1
+    label[5:9, 2:8, 2] = 3
+    label[0:2, 0:2, 2] = 2
+    src = tmp_path / "acdc"
+    _acdc_prepared(src, {"patient001_ED": (image, label), "patient007_ES": (image[::-1].copy(), label[::-1].copy())})
+    datalist = prepare("acdc_lv", str(src), str(tmp_path / "out"), fractions=(1, 0, 0))
+    items = {item["case"]: item for item in datalist["training"]}
+    assert sorted(items) == ["patient001_ED_s00", "patient001_ED_s02", "patient007_ES_s00", "patient007_ES_s02"]
+    assert items["patient007_ES_s02"]["group"] == "patient007"
+    for case, index in (("patient001_ED_s00", 0), ("patient001_ED_s02", 2)):
+        mask, rgb = (_read(tmp_path / "out" / items[case][key]) for key in ("label", "image"))
+        np.testing.assert_array_equal(mask, (label[:, :, index] == 3).T)  # rows are y: DICOM display orientation
+        plane = image[:, :, index].T
+        expected = np.round((plane - plane.min()) / (plane.max() - plane.min()) * 255)
+        assert rgb.shape == (10, 12, 3) and np.abs(rgb[..., 1].astype(float) - expected).max() <= 1
+
+
+def test_acdc_lv_reports_a_missing_datalist_and_skips_a_corrupt_volume(tmp_path):
+    with pytest.raises(FileNotFoundError, match="datalist.json"):
+        prepare("acdc_lv", str(tmp_path), str(tmp_path / "out"))
+    label = np.zeros((8, 8, 2), np.uint8)
+    label[2:5, 2:5, :] = 3
+    src = tmp_path / "acdc"
+    _acdc_prepared(src, {"patient001_ED": (np.ones((8, 8, 2), np.float32), label),
+                         "patient002_ED": (np.arange(128, dtype=np.float32).reshape(8, 8, 2), label)})
+    (src / "imagesTr" / "patient001_ED.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+    datalist = prepare("acdc_lv", str(src), str(tmp_path / "out"), fractions=(1, 0, 0))
+    assert [item["case"] for item in datalist["training"]] == ["patient002_ED_s00", "patient002_ED_s01"]
+    assert {f["case"] for f in datalist["failed"]} == {"patient001_ED_s00", "patient001_ED_s01"}
+    assert all("patient001_ED.nii.gz" in f["message"] for f in datalist["failed"])

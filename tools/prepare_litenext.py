@@ -1,7 +1,7 @@
 """Converters for the LiteNeXt 2D segmentation bundles: each dataset's original layout -> one common layout.
 
 ``python tools/prepare_litenext.py DATASET SOURCE OUTPUT [--seed 42] [--fractions 0.8,0.1,0.1]`` with DATASET one of
-``dsb2018 glas isic2018 ph2 sunnybrook lungxray``. OUTPUT receives
+``dsb2018 glas isic2018 ph2 sunnybrook lungxray acdc_lv``. OUTPUT receives
 
 * ``images/<case>.png``: 8-bit RGB (grey images replicated, DICOM scaled by its window or range);
 * ``masks/<case>.png``: 8-bit 0/1 mask (1 = foreground) of the same height and width;
@@ -32,6 +32,8 @@ Layouts read (searched recursively under SOURCE):
   name), Shenzhen (``CXR_png/CHNCXR_XXXX_N.png`` + ``mask/CHNCXR_XXXX_N_mask.png``) and JSRT converted to PNG with
   the SCR masks (``.../left lung/JPCLN001.gif`` + ``.../right lung/JPCLN001.gif``): the mask is left | right lung.
   The trailing ``_0``/``_1`` of Montgomery/Shenzhen names (normal/abnormal) stratifies the split.
+* ``acdc_lv``: a folder written by ``tools/prepare_acdc.py``; each short-axis slice showing the LV cavity (label 3)
+  becomes a pair (``<case>_sNN``), in DICOM display orientation, grouped by patient: Sunnybrook pretraining data.
 
 A pair that cannot be read (corrupt file, mask of another size) is reported by name and skipped; the conversion goes on.
 Each file is written under a temporary name and renamed.
@@ -40,7 +42,9 @@ Each file is written under a temporary name and renamed.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
+import json
 import logging
 import os
 import re
@@ -70,7 +74,7 @@ def _stem(path: str) -> str:
 
 
 class Pair(dict):
-    """One case to convert: ``case`` name, ``image`` path, ``masks`` (paths whose union is the mask, or a callable
+    """One case to convert: ``case`` name, ``image`` path (or a callable giving the 8-bit RGB array), ``masks`` (paths whose union is the mask, or a callable
     giving the mask for the image's shape), optional ``stratum``, ``group``, ``subset`` (``test`` to force) and
     ``resize_mask`` (a mask of another size is brought to the image's with nearest-neighbour instead of refused)."""
 
@@ -92,7 +96,8 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
         image_path = os.path.join(output, "images", f"{pair['case']}.png")
         mask_path = os.path.join(output, "masks", f"{pair['case']}.png")
         try:
-            image = np.round(read_image_rgb(pair["image"]) * 255).astype(np.uint8)
+            image = pair["image"]() if callable(pair["image"]) else \
+                np.round(read_image_rgb(pair["image"]) * 255).astype(np.uint8)
             masks = pair["masks"]
             if callable(masks):
                 mask = masks(image.shape[:2])
@@ -323,6 +328,47 @@ def sunnybrook_pairs(source: str, contour: str = "i") -> list[Pair]:
     return pairs
 
 
+@functools.lru_cache(maxsize=2)
+def _volume(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _acdc_slice_rgb(path: str, index: int) -> np.ndarray:
+    grey = _volume(path)[:, :, index].T.astype(np.float32)
+    low, high = float(grey.min()), float(grey.max())
+    grey = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
+    return np.repeat(np.round(grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def acdc_lv_pairs(source: str) -> list[Pair]:
+    """ACDC's LV cavity (label 3) as 2D pairs, from a folder written by ``tools/prepare_acdc.py`` (``datalist.json``
+    and its NIfTI volumes): every short-axis slice that shows the cavity, transposed to the DICOM display orientation
+    (RV on the viewer's left, as in Sunnybrook), scaled by its own range as a DICOM without a display window is;
+    grouped by patient. Pretraining data for the Sunnybrook bundle (same modality and structure)."""
+    import nibabel as nib
+
+    datalist_path = os.path.join(source, "datalist.json")
+    if not os.path.isfile(datalist_path):
+        raise FileNotFoundError(f"{datalist_path}: not found; write it with tools/prepare_acdc.py first.")
+    with open(datalist_path) as f:
+        datalist = json.load(f)
+    pairs = []
+    for item in datalist.get("training", []) + datalist.get("validation", []):
+        image, label = (os.path.join(source, item[k]) for k in ("image", "label"))
+        try:
+            cavity = np.asarray(nib.load(label).dataobj) == 3
+        except Exception as e:
+            log.error("skipped %s: %s", label, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        for index in np.flatnonzero(cavity.any(axis=(0, 1))):
+            pairs.append(Pair(case=f"{item['case']}_s{index:02d}", group=f"patient{int(item['patient']):03d}",
+                              image=functools.partial(_acdc_slice_rgb, image, int(index)),
+                              masks=lambda shape, c=cavity[:, :, index].T: c.astype(np.uint8)))
+    return pairs
+
+
 def lungxray_pairs(source: str) -> list[Pair]:
     """Montgomery (left/right masks), Shenzhen (``_mask`` files) and JSRT/SCR (left/right lung GIFs)."""
     files = _walk(source)
@@ -353,8 +399,10 @@ def lungxray_pairs(source: str) -> list[Pair]:
 
 LAYOUTS: dict[str, Callable[..., list[Pair]]] = {"dsb2018": dsb2018_pairs, "glas": glas_pairs,
                                                  "isic2018": isic2018_pairs, "ph2": ph2_pairs,
-                                                 "sunnybrook": sunnybrook_pairs, "lungxray": lungxray_pairs}
-THRESHOLDS = {"dsb2018": 0.5, "glas": 0.0, "isic2018": 0.5, "ph2": 0.5, "sunnybrook": 0.5, "lungxray": 0.5}
+                                                 "sunnybrook": sunnybrook_pairs, "lungxray": lungxray_pairs,
+                                                 "acdc_lv": acdc_lv_pairs}
+THRESHOLDS = {"dsb2018": 0.5, "glas": 0.0, "isic2018": 0.5, "ph2": 0.5, "sunnybrook": 0.5, "lungxray": 0.5,
+              "acdc_lv": 0.5}
 
 
 def prepare(dataset: str, source: str, output: str, seed: int = 42, fractions: Iterable[float] = (0.8, 0.1, 0.1),
