@@ -215,7 +215,7 @@ def test_report_writes_metrics_confusion_matrix_and_predictions(tmp_path):
 def test_encoder_weights_from_a_grey_segmentation_checkpoint(tmp_path):
     """The encoder of a 1-channel LTMedNeXt segmentation checkpoint initialises a 3-channel classifier: on a grey image
     replicated to RGB the stem answers as the segmentation stem does; the head keeps its own initialisation; a
-    checkpoint of another size is refused naming the file."""
+    checkpoint of another size or network is refused naming the file."""
     from networks import LTMedNeXt, LTMedNeXtClassifier
     from networks.training import with_encoder_weights
 
@@ -237,6 +237,11 @@ def test_encoder_weights_from_a_grey_segmentation_checkpoint(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt: cannot read"):
         with_encoder_weights(classifier, str(tmp_path / "broken.pt"))
+    from networks import LiteNeXt
+
+    torch.save(LiteNeXt(3, 1).state_dict(), tmp_path / "litenext.pt")  # the ISIC bundle's network: no such encoder
+    with pytest.raises(ValueError, match="litenext.pt: no encoder"):
+        with_encoder_weights(classifier, str(tmp_path / "litenext.pt"))
 
 
 def test_moved_names_still_resolve_from_networks_classification():
