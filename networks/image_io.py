@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "MAX_PIXELS", "is_dicom", "read_image_rgb", "find_images",
-           "image_datalist"]
+__all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "MAX_PIXELS", "is_dicom", "unit_range", "read_image_rgb",
+           "find_images", "image_datalist"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
@@ -29,7 +29,7 @@ def is_dicom(path: str) -> bool:
         return False
 
 
-def _unit_range(array: np.ndarray) -> np.ndarray:
+def unit_range(array: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1] (a constant image becomes zeros)."""
     array = array.astype(np.float32)
     low, high = float(array.min()), float(array.max())
@@ -48,13 +48,13 @@ def _read_dicom(path: str) -> np.ndarray:
                          f"classified.")
     pixels = ds.pixel_array
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour (RGB / YBR converted by pydicom)
-        return _unit_range(pixels) if pixels.dtype != np.uint8 else pixels.astype(np.float32) / 255.0
+        return unit_range(pixels) if pixels.dtype != np.uint8 else pixels.astype(np.float32) / 255.0
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a 2D DICOM image, got pixel data of shape {pixels.shape}.")
     values = apply_modality_lut(pixels, ds)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         values = apply_voi_lut(values, ds)
-    grey = _unit_range(values)
+    grey = unit_range(values)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         grey = 1.0 - grey
     return np.repeat(grey[..., None], 3, axis=-1)
@@ -70,7 +70,7 @@ def _read_pil(path: str) -> np.ndarray:
             raise ValueError(f"{path}: {image.n_frames} frames; only single-frame images are classified.")
         image.load()  # decode now: a truncated or corrupt file fails here, with its name
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scaled by its own range
-            grey = _unit_range(np.asarray(image, dtype=np.float32))
+            grey = unit_range(np.asarray(image, dtype=np.float32))
             return np.repeat(grey[..., None], 3, axis=-1)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGBA", image.size, (0, 0, 0, 255))

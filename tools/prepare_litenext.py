@@ -54,7 +54,7 @@ from typing import Callable, Iterable, Sequence
 import fire
 import numpy as np
 
-from networks.image_io import IMAGE_SUFFIXES, read_image_rgb
+from networks.image_io import IMAGE_SUFFIXES, read_image_rgb, unit_range
 from networks.data import write_datalist, write_png_atomic
 from networks.segmentation2d import read_mask, split_cases
 
@@ -74,9 +74,10 @@ def _stem(path: str) -> str:
 
 
 class Pair(dict):
-    """One case to convert: ``case`` name, ``image`` path (or a callable giving the 8-bit RGB array), ``masks`` (paths whose union is the mask, or a callable
-    giving the mask for the image's shape), optional ``stratum``, ``group``, ``subset`` (``test`` to force) and
-    ``resize_mask`` (a mask of another size is brought to the image's with nearest-neighbour instead of refused)."""
+    """One case to convert: ``case`` name, ``image`` path (or a callable giving the 8-bit RGB array), ``masks`` (paths
+    whose union is the mask, or a callable giving the mask for the image's shape), optional ``stratum``, ``group``,
+    ``subset`` (``test`` to force) and ``resize_mask`` (a mask of another size is brought to the image's with
+    nearest-neighbour instead of refused)."""
 
 
 def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -336,9 +337,7 @@ def _volume(path: str) -> np.ndarray:
 
 
 def _acdc_slice_rgb(path: str, index: int) -> np.ndarray:
-    grey = _volume(path)[:, :, index].T.astype(np.float32)
-    low, high = float(grey.min()), float(grey.max())
-    grey = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
+    grey = unit_range(_volume(path)[:, :, index].T)  # as read_image_rgb scales a DICOM without a display window
     return np.repeat(np.round(grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
