@@ -450,16 +450,19 @@ def test_acdc_lv_slices_with_the_cavity_in_display_orientation(tmp_path):
         assert rgb.shape == (10, 12, 3) and np.abs(rgb[..., 1].astype(float) - expected).max() <= 1
 
 
-def test_acdc_lv_reports_a_missing_datalist_and_skips_a_corrupt_volume(tmp_path):
+def test_acdc_lv_reports_a_missing_datalist_and_skips_corrupt_volumes(tmp_path):
     with pytest.raises(FileNotFoundError, match="datalist.json"):
         prepare("acdc_lv", str(tmp_path), str(tmp_path / "out"))
     label = np.zeros((8, 8, 2), np.uint8)
     label[2:5, 2:5, :] = 3
     src = tmp_path / "acdc"
     _acdc_prepared(src, {"patient001_ED": (np.ones((8, 8, 2), np.float32), label),
-                         "patient002_ED": (np.arange(128, dtype=np.float32).reshape(8, 8, 2), label)})
+                         "patient002_ED": (np.arange(128, dtype=np.float32).reshape(8, 8, 2), label),
+                         "patient003_ES": (np.ones((8, 8, 2), np.float32), label)})
     (src / "imagesTr" / "patient001_ED.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+    (src / "labelsTr" / "patient003_ES.nii.gz").write_bytes(b"not a label volume")
     datalist = prepare("acdc_lv", str(src), str(tmp_path / "out"), fractions=(1, 0, 0))
     assert [item["case"] for item in datalist["training"]] == ["patient002_ED_s00", "patient002_ED_s01"]
-    assert {f["case"] for f in datalist["failed"]} == {"patient001_ED_s00", "patient001_ED_s01"}
-    assert all("patient001_ED.nii.gz" in f["message"] for f in datalist["failed"])
+    failed = {f["case"]: f["message"] for f in datalist["failed"]}
+    assert sorted(failed) == ["patient001_ED_s00", "patient001_ED_s01", "patient003_ES"]
+    assert "patient001_ED.nii.gz" in failed["patient001_ED_s00"] and "patient003_ES.nii.gz" in failed["patient003_ES"]

@@ -76,8 +76,8 @@ def _stem(path: str) -> str:
 class Pair(dict):
     """One case to convert: ``case`` name, ``image`` path (or a callable giving the 8-bit RGB array), ``masks`` (paths
     whose union is the mask, or a callable giving the mask for the image's shape), optional ``stratum``, ``group``,
-    ``subset`` (``test`` to force) and ``resize_mask`` (a mask of another size is brought to the image's with
-    nearest-neighbour instead of refused)."""
+    ``subset`` (``test`` to force), ``resize_mask`` (a mask of another size is brought to the image's with
+    nearest-neighbour instead of refused) and ``error`` (the case could not be read: reported as failed)."""
 
 
 def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -97,6 +97,8 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
         image_path = os.path.join(output, "images", f"{pair['case']}.png")
         mask_path = os.path.join(output, "masks", f"{pair['case']}.png")
         try:
+            if pair.get("error"):
+                raise ValueError(pair["error"])
             image = pair["image"]() if callable(pair["image"]) else \
                 np.round(read_image_rgb(pair["image"]) * 255).astype(np.uint8)
             masks = pair["masks"]
@@ -358,8 +360,9 @@ def acdc_lv_pairs(source: str) -> list[Pair]:
         image, label = (os.path.join(source, item[k]) for k in ("image", "label"))
         try:
             cavity = np.asarray(nib.load(label).dataobj) == 3
-        except Exception as e:
-            log.error("skipped %s: %s", label, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except Exception as e:  # listed under the datalist's failed by convert
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            pairs.append(Pair(case=item["case"], image=image, masks=[], error=f"{label}: {message}"))
             continue
         for index in np.flatnonzero(cavity.any(axis=(0, 1))):
             pairs.append(Pair(case=f"{item['case']}_s{index:02d}", group=f"patient{int(item['patient']):03d}",
