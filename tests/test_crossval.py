@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
-from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds
+from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds, write_tables
 
 
 def _patients_items(n_patients=13, seed=0):
@@ -67,13 +67,25 @@ def test_per_case_metrics_of_each_bundle_kind(tmp_path):
     (tmp_path / "vol" / "metrics.csv").write_text(
         "case,organ,gt_present,dice,hd95_voxels,hd95_mm\nc1,LV,True,0.9,1,1\nc1,RV,True,0.7,1,1\n"
         "c1,MYO,False,0.0,,\nc2,LV,True,0.8,1,1\n")
-    cases, structures = read_case_metrics(str(tmp_path / "vol"))
+    cases, breakdown = read_case_metrics(str(tmp_path / "vol"))
     assert cases == [{"case": "c1", "metric": pytest.approx(0.8)}, {"case": "c2", "metric": 0.8}]
-    assert structures == {"LV": pytest.approx(0.85), "RV": 0.7}
+    assert breakdown == {"LV": pytest.approx(0.85), "RV": 0.7}
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "predictions.csv").write_text(
         "image,label,prediction,p_a,p_b\nx/1.png,a,a,1,0\n2.png,b,a,1,0\n")
     assert [c["metric"] for c in read_case_metrics(str(tmp_path / "cls"))[0]] == [1.0, 0.0]
+    (tmp_path / "cls" / "metrics.csv").write_text("metric,value\naccuracy,0.5\nbalanced_accuracy,0.5\nauc,0.25\n")
+    cases, breakdown = read_case_metrics(str(tmp_path / "cls"))
+    assert breakdown == {"balanced_accuracy": 0.5, "auc": 0.25}
+    results = {0: {"cases": cases, "breakdown": breakdown, "n": 2, "mean": 0.5},
+               1: {"cases": [{"case": "3.png", "metric": 1.0}], "breakdown": {"balanced_accuracy": 1.0, "auc": 0.75},
+                   "n": 1, "mean": 1.0}}
+    summary = write_tables(str(tmp_path), "bundles/x", 2, results, "cmd")
+    assert summary["breakdown_fold_mean"] == {"auc": 0.5, "balanced_accuracy": 0.75}
+    table = (tmp_path / "crossval.md").read_text().splitlines()
+    assert table[-5:] == ["| fold | cases | mean | auc | balanced_accuracy |", "| --- | --- | --- | --- | --- |",
+                          "| 0 | 2 | 0.5000 | 0.2500 | 0.5000 |", "| 1 | 1 | 1.0000 | 0.7500 | 1.0000 |",
+                          "| mean of folds | 3 | 0.7500 | 0.5000 | 0.7500 |"]
 
 
 def test_two_runs_in_one_folder_are_refused(tmp_path):

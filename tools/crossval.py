@@ -19,7 +19,8 @@ pathology) is spread evenly over the folds. For fold k:
 
 The per-case metric is what the bundle's evaluation writes: Dice per image (2D segmentation), the mean Dice over the
 structures present per volume (volume segmentation; per-structure means are reported too), or 1/0 for a correct or
-wrong class (classification: the fold's mean is its accuracy). ``OUTPUT/crossval.md``, ``crossval.json``,
+wrong class (classification: the fold's mean is its accuracy; its balanced accuracy, macro F1 and AUC are reported
+too). ``OUTPUT/crossval.md``, ``crossval.json``,
 ``crossval_folds.csv`` and ``crossval_cases.csv`` hold the per-fold and summary tables: mean +- sd over every case,
 and over the fold means.
 
@@ -107,13 +108,20 @@ def fold_lists(parts: Sequence[Sequence[dict]], k: int, val_fraction: float, see
 
 # --------------------------------------------------------------------------------------------------- per-case metric
 def read_case_metrics(eval_dir: str) -> tuple[list[dict], dict[str, float]]:
-    """Per-case rows ``{"case", "metric"}`` of a bundle's evaluation folder, and per-structure means (volumes)."""
+    """Per-case rows ``{"case", "metric"}`` of a bundle's evaluation folder, and a breakdown: per-structure means
+    (volumes) or the evaluation's other summary metrics (classification)."""
     predictions = os.path.join(eval_dir, "predictions.csv")
     metrics = os.path.join(eval_dir, "metrics.csv")
     if os.path.isfile(predictions):  # classification
         with open(predictions) as f:
-            return [{"case": os.path.basename(r["image"]), "metric": float(r["label"] == r["prediction"])}
-                    for r in csv.DictReader(f)], {}
+            cases = [{"case": os.path.basename(r["image"]), "metric": float(r["label"] == r["prediction"])}
+                     for r in csv.DictReader(f)]
+        breakdown = {}
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                breakdown = {r["metric"]: float(r["value"]) for r in csv.DictReader(f)
+                             if r["metric"] in ("balanced_accuracy", "f1_macro", "auc")}
+        return cases, breakdown
     if not os.path.isfile(metrics):
         raise FileNotFoundError(f"{eval_dir}: the evaluation wrote neither metrics.csv nor predictions.csv.")
     with open(metrics) as f:
@@ -152,7 +160,7 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     result_path = os.path.join(fold_dir, "result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
-            return json.load(f)
+            return {"breakdown": {}, **json.load(f)}
     log_path = os.path.join(fold_dir, "crossval.log")
     common = ["--dataset_dir", fold_dir, "--bundle_root", fold_dir]
     if not os.path.isfile(os.path.join(fold_dir, "trained")):
@@ -164,9 +172,9 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
           "['configs/inference.json','configs/evaluate.json']", "--meta_file", "configs/metadata.json", *common,
           "--eval_split", "test", "--output_dir", eval_dir,
           *_args({k: v for k, v in overrides.items() if "#" not in k})], bundle, log_path)
-    cases, structures = read_case_metrics(eval_dir)
+    cases, breakdown = read_case_metrics(eval_dir)
     values = [c["metric"] for c in cases]
-    result = {"cases": cases, "structures": structures, "n": len(values),
+    result = {"cases": cases, "breakdown": breakdown, "n": len(values),
               "mean": float(np.mean(values)) if values else float("nan")}
     write_json_atomic(result_path, result)
     return result
@@ -184,27 +192,31 @@ def write_tables(output: str, bundle: str, folds: int, results: dict[int, dict],
     cases = [{"fold": k, **c} for k, r in sorted(results.items()) for c in r["cases"]]
     case_mean, case_sd = _mean_sd([c["metric"] for c in cases])
     fold_mean, fold_sd = _mean_sd([r["mean"] for r in results.values()])
-    structures = sorted({s for r in results.values() for s in r["structures"]})
+    columns = sorted({s for r in results.values() for s in r["breakdown"]})
     summary = {"bundle": os.path.basename(os.path.abspath(bundle)), "folds": folds, "finished_folds": len(results),
                "cases": len(cases), "case_mean": case_mean, "case_sd": case_sd, "fold_mean": fold_mean,
                "fold_sd": fold_sd, "command": command,
-               "per_fold": {str(k): {"n": r["n"], "mean": r["mean"], **r["structures"]} for k, r in results.items()}}
+               "breakdown_fold_mean": {s: _mean_sd([r["breakdown"].get(s, math.nan) for r in results.values()])[0]
+                                       for s in columns},
+               "per_fold": {str(k): {"n": r["n"], "mean": r["mean"], **r["breakdown"]} for k, r in results.items()}}
     write_json_atomic(os.path.join(output, "crossval.json"), summary)
-    header = ["fold", "n", "mean", *structures]
-    lines = [f"{k},{r['n']},{r['mean']:.4f}," + ",".join(f"{r['structures'].get(s, float('nan')):.4f}"
-                                                        for s in structures) for k, r in sorted(results.items())]
-    write_atomic(os.path.join(output, "crossval_folds.csv"), ",".join(header) + "\n" +
-                      "".join(line.rstrip(",") + "\n" for line in lines))
+
+    def cells(values: dict) -> list[str]:
+        return [f"{values.get(s, float('nan')):.4f}" for s in columns]
+
+    rows = [[str(k), str(r["n"]), f"{r['mean']:.4f}", *cells(r["breakdown"])] for k, r in sorted(results.items())]
+    write_atomic(os.path.join(output, "crossval_folds.csv"),
+                 "".join(",".join(row) + "\n" for row in [["fold", "n", "mean", *columns], *rows]))
     write_atomic(os.path.join(output, "crossval_cases.csv"), "fold,case,metric\n" +
-                      "".join(f"{c['fold']},{c['case']},{c['metric']:.4f}\n" for c in cases))
+                 "".join(f"{c['fold']},{c['case']},{c['metric']:.4f}\n" for c in cases))
+    if columns:
+        rows.append(["mean of folds", str(len(cases)), f"{fold_mean:.4f}", *cells(summary["breakdown_fold_mean"])])
     md = [f"# Cross-validation of {summary['bundle']}", "", f"Command: `{command}`", "",
           f"{len(results)} of {folds} folds finished, {len(cases)} held-out cases. Per-case metric: "
           f"**{case_mean:.4f} +- {case_sd:.4f}** (mean +- sd over cases); mean of fold means {fold_mean:.4f} +- "
-          f"{fold_sd:.4f} (sd over folds).", "", "| fold | cases | mean | " + " | ".join(structures) + " |",
-          "|" + " --- |" * (3 + len(structures))]
-    md += [f"| {k} | {r['n']} | {r['mean']:.4f} | " + " | ".join(f"{r['structures'].get(s, float('nan')):.4f}"
-                                                               for s in structures) + " |"
-           for k, r in sorted(results.items())]
+          f"{fold_sd:.4f} (sd over folds).", "",
+          "| " + " | ".join(["fold", "cases", "mean", *columns]) + " |", "|" + " --- |" * (3 + len(columns))]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
     write_atomic(os.path.join(output, "crossval.md"), "\n".join(md) + "\n")
     return summary
 
