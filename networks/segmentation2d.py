@@ -105,13 +105,19 @@ def _load(keys: Sequence[str]) -> list:
 
 
 def train_transforms(image_size: Sequence[int] = (256, 256), rotate_degrees: float = 20.0, hflip_prob: float = 0.5,
-                     blur_prob: float = 0.5, vflip_prob: float = 0.1):
+                     blur_prob: float = 0.5, vflip_prob: float = 0.1, intensity_prob: float = 0.0):
     """LiteNeXt training chain for ``{"image", "label"}`` file paths: load, resize (image bilinear, mask nearest),
     random rotation within +-``rotate_degrees`` (every sample), horizontal flip, Gaussian blur (sigma 0.8-1.4, the
-    range of albumentations' default 3-7 px kernels) and vertical flip."""
-    from monai.transforms import Compose, EnsureTyped, RandFlipd, RandGaussianSmoothd, RandRotated, Resized
+    range of albumentations' default 3-7 px kernels) and vertical flip. ``intensity_prob`` > 0 adds, each with that
+    probability, a gamma change (0.5-2) and a brightness scale (x0.6-1.6, clipped to [0, 1]): images whose grey levels
+    depend on a display window or scanner (MRI) more than on the tissue."""
+    from monai.transforms import (Compose, EnsureTyped, RandAdjustContrastd, RandFlipd, RandGaussianSmoothd,
+                                  RandRotated, RandScaleIntensityd, Resized, ScaleIntensityRanged)
 
     keys = ["image", "label"]
+    intensity = [RandAdjustContrastd("image", gamma=(0.5, 2.0), prob=intensity_prob),
+                 RandScaleIntensityd("image", factors=(-0.4, 0.6), prob=intensity_prob),
+                 ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True)]
     return Compose([
         *_load(keys),
         Resized(keys, spatial_size=tuple(image_size), mode=("bilinear", "nearest")),
@@ -121,6 +127,7 @@ def train_transforms(image_size: Sequence[int] = (256, 256), rotate_degrees: flo
         RandFlipd(keys, prob=hflip_prob, spatial_axis=1),
         RandGaussianSmoothd("image", sigma_x=(0.8, 1.4), sigma_y=(0.8, 1.4), prob=blur_prob),
         RandFlipd(keys, prob=vflip_prob, spatial_axis=0),
+        *(intensity if intensity_prob > 0 else []),
     ])
 
 

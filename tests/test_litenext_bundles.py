@@ -60,6 +60,22 @@ def test_train_transforms_follow_the_litenext_recipe(tmp_path):
     assert names[-4:] == ["RandRotated", "RandFlipd", "RandGaussianSmoothd", "RandFlipd"]
     assert [t.prob for t in transform.transforms[-3:]] == [0.5, 0.5, 0.1]
 
+def test_intensity_augmentation_changes_grey_levels_only(tmp_path):
+    mask = _blob_image(tmp_path / "a.png", grey=True, center=(10, 12), radius=6)
+    Image.fromarray(mask * 255).save(str(tmp_path / "a_mask.png"))
+    item = {"image": str(tmp_path / "a.png"), "label": str(tmp_path / "a_mask.png")}
+    geometric = dict(rotate_degrees=0.0, hflip_prob=0.0, blur_prob=0.0, vflip_prob=0.0)
+    plain = train_transforms((64, 64), **geometric)(item)
+    transform = train_transforms((64, 64), intensity_prob=1.0, **geometric)
+    transform.set_random_state(0)
+    means = []
+    for _ in range(6):
+        out = transform(item)
+        assert torch.equal(out["label"], plain["label"])
+        assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+        means.append(float(out["image"].mean()))
+    assert max(means) - min(means) > 0.05 and not any(np.isclose(m, float(plain["image"].mean())) for m in means)
+
 
 def test_eval_transforms_keep_the_original_mask_for_test_metrics(tmp_path):
     _blob_image(tmp_path / "a.png", shape=(30, 50))
