@@ -48,7 +48,7 @@ def test_shipped_weights_on_unseen_test_images(dataset, tmp_path):
 
 def test_sunnybrook_weights_on_dicom_frames(tmp_path):
     """The Sunnybrook network on the DICOM frames of SC-HF-I-5, the patient that chose its checkpoint (no patient is
-    untouched: the card's headline is the cross-validation): LV cavity masks of each frame's size, 0.833 measured."""
+    untouched: the card's headline is the cross-validation): LV cavity masks of each frame's size, 0.902 measured."""
     import pydicom
 
     pairs = [p for p in sunnybrook_pairs(shared_data("sunnybrook")) if p["group"] == "SC-HF-I-5"]
@@ -65,4 +65,4 @@ def test_sunnybrook_weights_on_dicom_frames(tmp_path):
         gt = pair["masks"]((header.Rows, header.Columns))
         assert pred.shape == gt.shape and set(np.unique(pred)) <= {0, 1}
         dice.append(binary_metrics(pred, gt > 0)["dice"])
-    assert np.mean(dice) >= 0.75, dice
+    assert np.mean(dice) >= 0.85, dice
