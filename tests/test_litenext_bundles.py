@@ -60,6 +60,7 @@ def test_train_transforms_follow_the_litenext_recipe(tmp_path):
     assert names[-4:] == ["RandRotated", "RandFlipd", "RandGaussianSmoothd", "RandFlipd"]
     assert [t.prob for t in transform.transforms[-3:]] == [0.5, 0.5, 0.1]
 
+
 def test_intensity_augmentation_changes_grey_levels_only(tmp_path):
     mask = _blob_image(tmp_path / "a.png", grey=True, center=(10, 12), radius=6)
     Image.fromarray(mask * 255).save(str(tmp_path / "a_mask.png"))

@@ -20,9 +20,8 @@ pathology) is spread evenly over the folds. For fold k:
 The per-case metric is what the bundle's evaluation writes: Dice per image (2D segmentation), the mean Dice over the
 structures present per volume (volume segmentation; per-structure means are reported too), or 1/0 for a correct or
 wrong class (classification: the fold's mean is its accuracy; its balanced accuracy, macro F1 and AUC are reported
-too). ``OUTPUT/crossval.md``, ``crossval.json``,
-``crossval_folds.csv`` and ``crossval_cases.csv`` hold the per-fold and summary tables: mean +- sd over every case,
-and over the fold means.
+too). ``OUTPUT/crossval.md``, ``crossval.json``, ``crossval_folds.csv`` and ``crossval_cases.csv`` hold the per-fold
+and summary tables: mean +- sd over every case, and over the fold means.
 
 A rerun with the same arguments resumes: finished folds are read back, an unfinished training resumes from its last
 checkpoint (the bundle's own ``models/checkpoints``). ``--parallel N`` runs N folds at once (give each
@@ -160,7 +159,9 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     result_path = os.path.join(fold_dir, "result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
-            return {"breakdown": {}, **json.load(f)}
+            result = json.load(f)
+        result.setdefault("breakdown", result.pop("structures", {}))  # written before the key was renamed
+        return result
     log_path = os.path.join(fold_dir, "crossval.log")
     common = ["--dataset_dir", fold_dir, "--bundle_root", fold_dir]
     if not os.path.isfile(os.path.join(fold_dir, "trained")):
