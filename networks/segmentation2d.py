@@ -117,7 +117,8 @@ def train_transforms(image_size: Sequence[int] = (256, 256), rotate_degrees: flo
     keys = ["image", "label"]
     intensity = [RandAdjustContrastd("image", gamma=(0.5, 2.0), prob=intensity_prob),
                  RandScaleIntensityd("image", factors=(-0.4, 0.6), prob=intensity_prob),
-                 ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True)]
+                 ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True)
+                 ] if intensity_prob > 0 else []
     return Compose([
         *_load(keys),
         Resized(keys, spatial_size=tuple(image_size), mode=("bilinear", "nearest")),
@@ -127,7 +128,7 @@ def train_transforms(image_size: Sequence[int] = (256, 256), rotate_degrees: flo
         RandFlipd(keys, prob=hflip_prob, spatial_axis=1),
         RandGaussianSmoothd("image", sigma_x=(0.8, 1.4), sigma_y=(0.8, 1.4), prob=blur_prob),
         RandFlipd(keys, prob=vflip_prob, spatial_axis=0),
-        *(intensity if intensity_prob > 0 else []),
+        *intensity,
     ])
 
 

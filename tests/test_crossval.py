@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
-from tools.crossval import fold_lists, group_key, read_case_metrics, split_folds, write_tables
+from tools.crossval import fold_lists, group_key, read_case_metrics, run_fold, split_folds, write_tables
 
 
 def _patients_items(n_patients=13, seed=0):
@@ -86,6 +86,11 @@ def test_per_case_metrics_of_each_bundle_kind(tmp_path):
     assert table[-5:] == ["| fold | cases | mean | auc | balanced_accuracy |", "| --- | --- | --- | --- | --- |",
                           "| 0 | 2 | 0.5000 | 0.2500 | 0.5000 |", "| 1 | 1 | 1.0000 | 0.7500 | 1.0000 |",
                           "| mean of folds | 3 | 0.7500 | 0.5000 | 0.7500 |"]
+
+
+def test_a_finished_fold_of_an_earlier_version_is_read_back(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"cases": [], "structures": {"LV": 0.9}, "n": 0, "mean": 0.0}))
+    assert run_fold("unused", str(tmp_path), {})["breakdown"] == {"LV": 0.9}  # no training, no evaluation
 
 
 def test_two_runs_in_one_folder_are_refused(tmp_path):

@@ -360,9 +360,8 @@ def acdc_lv_pairs(source: str) -> list[Pair]:
         image, label = (os.path.join(source, item[k]) for k in ("image", "label"))
         try:
             cavity = np.asarray(nib.load(label).dataobj) == 3
-        except Exception as e:  # listed under the datalist's failed by convert
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            pairs.append(Pair(case=item["case"], image=image, masks=[], error=f"{label}: {message}"))
+        except Exception as e:  # convert lists it under the datalist's failed (first line of the message)
+            pairs.append(Pair(case=item["case"], image=image, masks=[], error=f"{label}: {str(e) or type(e).__name__}"))
             continue
         for index in np.flatnonzero(cavity.any(axis=(0, 1))):
             pairs.append(Pair(case=f"{item['case']}_s{index:02d}", group=f"patient{int(item['patient']):03d}",
