@@ -16,7 +16,8 @@ from PIL import Image
 from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
-from tools.crossval import fold_lists, group_key, read_case_metrics, run_fold, split_folds, write_tables
+from tools.crossval import (fold_lists, group_key, prepare_folds, read_case_metrics, run_fold, split_folds,
+                            write_tables)
 
 
 def _patients_items(n_patients=13, seed=0):
@@ -86,6 +87,26 @@ def test_per_case_metrics_of_each_bundle_kind(tmp_path):
     assert table[-5:] == ["| fold | cases | mean | auc | balanced_accuracy |", "| --- | --- | --- | --- | --- |",
                           "| 0 | 2 | 0.5000 | 0.2500 | 0.5000 |", "| 1 | 1 | 1.0000 | 0.7500 | 1.0000 |",
                           "| mean of folds | 3 | 0.7500 | 0.5000 | 0.7500 |"]
+
+
+def test_fixed_training_cases_join_every_fold_and_are_never_held_out(tmp_path):
+    items = _patients_items()
+    seen = [{**item, "case": "seen_" + item["case"], "patient": "seen_" + item["patient"]} for item in items[:6]]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items, "validation": [], "test": [], "pretrained_on": seen}))
+    folders = prepare_folds(str(datalist), str(tmp_path / "cv"), 3, ["training"], 0, 0.2, ["pretrained_on"])
+    held_out = []
+    for folder in folders:
+        with open(os.path.join(folder, "datalist.json")) as f:
+            fold = json.load(f)
+        cases = {side: {item["case"] for item in fold[side]} for side in ("training", "validation", "test")}
+        assert {item["case"] for item in seen} <= cases["training"]
+        assert not {item["case"] for item in seen} & (cases["validation"] | cases["test"])
+        held_out += cases["test"]
+    assert sorted(held_out) == sorted(item["case"] for item in items)
+    datalist.write_text(json.dumps({"training": items, "pretrained_on": items[:2]}))
+    with pytest.raises(ValueError, match="2 cases are both in the folded lists and in --fixed_training"):
+        prepare_folds(str(datalist), str(tmp_path / "cv2"), 3, ["training"], 0, 0.2, ["pretrained_on"])
 
 
 def test_a_finished_fold_of_an_earlier_version_is_read_back(tmp_path):

@@ -10,6 +10,8 @@ pathology) is spread evenly over the folds. For fold k:
 
 * ``OUTPUT/fold_k/datalist.json``: ``test`` = fold k, the other folds split again by group into ``training`` and
   ``validation`` (``--val_fraction``): the bundle selects its checkpoint on that inner validation, never on fold k;
+  ``--fixed_training LIST[,LIST]`` adds the items of those datalist lists to every fold's ``training``, never held
+  out: the cases that a ``--pretrained_weights`` starting point was trained on, so that every held-out case is unseen;
 * training: ``python -m monai.bundle run training --config_file configs/train.json`` in the bundle folder with
   ``--bundle_root OUTPUT/fold_k`` and every extra ``--ID VALUE`` given to this tool (``--train#trainer#max_epochs 40``,
   ``--num_threads 1``, ``--pretrained_weights PATH``...);
@@ -223,13 +225,21 @@ def write_tables(output: str, bundle: str, folds: int, results: dict[int, dict],
 
 
 def prepare_folds(datalist: str, output: str, folds: int, lists: Sequence[str], seed: int,
-                  val_fraction: float) -> list[str]:
-    """Write each fold's datalist (once: a rerun keeps the split it started with); returns the fold folders."""
+                  val_fraction: float, fixed_training: Sequence[str] = ()) -> list[str]:
+    """Write each fold's datalist (once: a rerun keeps the split it started with); returns the fold folders.
+    The items of the ``fixed_training`` lists join every fold's training list and are never held out."""
     split_path = os.path.join(output, "folds.json")
     items = [item for key in lists for item in load_datalist(datalist, key)]
+    fixed = [item for key in fixed_training for item in load_datalist(datalist, key)]
+    overlap = {case_id(item) for item in items} & {case_id(item) for item in fixed}
+    if overlap:
+        raise ValueError(f"{datalist}: {len(overlap)} cases are both in the folded lists and in --fixed_training "
+                         f"(e.g. {sorted(overlap)[0]}).")
     parts = split_folds(items, folds, seed)
     plan = {"datalist": os.path.abspath(datalist), "lists": list(lists), "seed": seed, "val_fraction": val_fraction,
             "folds": [[case_id(item) for item in part] for part in parts]}
+    if fixed:
+        plan["fixed_training"] = [case_id(item) for item in fixed]
     if os.path.isfile(split_path):
         with open(split_path) as f:
             if json.load(f) != plan:
@@ -240,6 +250,7 @@ def prepare_folds(datalist: str, output: str, folds: int, lists: Sequence[str], 
     for k in range(folds):
         folder = os.path.join(output, f"fold_{k}")
         training, validation, test = fold_lists(parts, k, val_fraction, seed)
+        training = [*training, *fixed]
         if not os.path.isfile(os.path.join(folder, "datalist.json")):
             os.makedirs(folder, exist_ok=True)
             write_datalist(os.path.join(folder, "datalist.json"), training, validation, test, fold=k, folds=folds)
@@ -248,20 +259,29 @@ def prepare_folds(datalist: str, output: str, folds: int, lists: Sequence[str], 
 
 
 def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists: str = "training,validation",
-             seed: int = 0, val_fraction: float = 0.15, parallel: int = 1, **overrides) -> dict:
+             seed: int = 0, val_fraction: float = 0.15, parallel: int = 1, fixed_training: str = "",
+             **overrides) -> dict:
     """Cross-validate BUNDLE on DATALIST; returns the summary (see the module docstring)."""
     bundle = os.path.abspath(bundle)
     if not os.path.isfile(os.path.join(bundle, "configs", "train.json")):
         raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
     output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
-    key_lists = [s.strip() for s in lists.split(",")] if isinstance(lists, str) else list(lists)
+    key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
     with _exclusive(output):
-        folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction))
+        folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction), fixed_lists)
         command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
                             f"--folds {folds} --lists {','.join(key_lists)} --seed {seed}",
                             f"--val_fraction {val_fraction}",
+                            *([f"--fixed_training {','.join(fixed_lists)}"] if fixed_lists else []),
                             *(f"--{k} {v}" for k, v in overrides.items())])
         return _run_folds(bundle, output, folders, int(folds), int(parallel), overrides, command)
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    """Datalist list names from ``"a,b"`` (or fire's tuple for ``a,b``)."""
+    if isinstance(names, str):
+        return [s.strip() for s in names.split(",") if s.strip()]
+    return list(names)
 
 
 @contextlib.contextmanager
