@@ -49,6 +49,11 @@ def check_labels(label: np.ndarray, num_classes: int, source: str) -> np.ndarray
     return np.rint(label).astype(np.uint8)
 
 
+def first_line(error: BaseException) -> str:
+    """The error's first line (its type's name when it has no text), for one-line reports."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 TMP_PREFIX = ".tmp_"  # files being written; tools/infer.py removes leftovers of a killed run from OUTPUT_DIR
 
 

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from networks.data import first_line
+
 __all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "MAX_PIXELS", "is_dicom", "unit_range", "read_image_rgb",
            "find_images", "image_datalist"]
 
@@ -91,8 +93,7 @@ def read_image_rgb(path: str) -> np.ndarray:
     except ValueError:
         raise
     except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), pydicom errors
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable image ({detail}).") from e
+        raise ValueError(f"{path}: not a readable image ({first_line(e)}).") from e
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"{path}: empty image (shape {array.shape}).")
     if not np.isfinite(array).all():

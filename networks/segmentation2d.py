@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from networks.data import grouped_stratified_split, write_atomic, write_png_atomic
+from networks.data import first_line, grouped_stratified_split, write_atomic, write_png_atomic
 from networks.evaluation import ReportHandler
 from networks.transforms import LoadImage2Dd
 
@@ -52,8 +52,7 @@ def read_mask(path: str, threshold: float = 0.5) -> np.ndarray:
             else:
                 array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
     except Exception as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable mask image ({detail}).") from e
+        raise ValueError(f"{path}: not a readable mask image ({first_line(e)}).") from e
     if array.ndim == 3:
         array = array.max(-1)
     if array.size == 0:

@@ -55,7 +55,7 @@ import fire
 import numpy as np
 
 from networks.image_io import IMAGE_SUFFIXES, read_image_rgb, unit_range
-from networks.data import write_datalist, write_png_atomic
+from networks.data import first_line, write_datalist, write_png_atomic
 from networks.segmentation2d import read_mask, split_cases
 
 log = logging.getLogger("prepare_litenext")
@@ -119,7 +119,7 @@ def convert(pairs: Sequence[Pair], output: str, dataset: str, seed: int = 42,
             write_png_atomic(image, image_path)
             write_png_atomic(mask.astype(np.uint8), mask_path)
         except Exception as e:  # one bad case is reported and skipped
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            message = first_line(e)
             log.error("skipped %s: %s", pair["case"], message)
             failed.append({"case": pair["case"], "message": message})
             continue
@@ -360,8 +360,8 @@ def acdc_lv_pairs(source: str) -> list[Pair]:
         image, label = (os.path.join(source, item[k]) for k in ("image", "label"))
         try:
             cavity = np.asarray(nib.load(label).dataobj) == 3
-        except Exception as e:  # convert lists it under the datalist's failed (first line of the message)
-            pairs.append(Pair(case=item["case"], image=image, masks=[], error=f"{label}: {str(e) or type(e).__name__}"))
+        except Exception as e:  # convert lists it under the datalist's failed
+            pairs.append(Pair(case=item["case"], image=image, masks=[], error=f"{label}: {first_line(e)}"))
             continue
         for index in np.flatnonzero(cavity.any(axis=(0, 1))):
             pairs.append(Pair(case=f"{item['case']}_s{index:02d}", group=f"patient{int(item['patient']):03d}",

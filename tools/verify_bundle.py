@@ -40,6 +40,8 @@ import warnings
 
 import fire
 
+from networks.data import first_line, write_atomic
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_FILES = ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                   "configs/evaluate.json", "configs/multi_gpu_train.json", "configs/logging.conf", "models/model.pt")
@@ -194,7 +196,7 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             network.load_state_dict(state.get("model", state))
         except Exception as e:
-            return [f"models/model.pt: cannot be loaded into network_def ({str(e).splitlines()[0][:200]})"]
+            return [f"models/model.pt: cannot be loaded into network_def ({first_line(e)[:200]})"]
     else:
         state = network.state_dict()
     network.eval()
@@ -228,7 +230,7 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
             if float((scripted - expected).abs().max()) > TOLERANCE:
                 problems.append(f"TorchScript output differs from eager by {float((scripted - expected).abs().max()):.2e}")
         except Exception as e:
-            problems.append(f"ckpt_export to TorchScript failed: {str(e).splitlines()[0][:200]}")
+            problems.append(f"ckpt_export to TorchScript failed: {first_line(e)[:200]}")
         onnx_path = os.path.join(tmp, "model.onnx")
         try:
             torch.onnx.export(network, (x,), onnx_path, input_names=["image"], output_names=["pred"], dynamo=False)
@@ -237,7 +239,7 @@ def _check_network(bundle: str, meta: dict) -> list[str]:
             if difference > TOLERANCE:
                 problems.append(f"ONNX Runtime output differs from eager by {difference:.2e}")
         except Exception as e:
-            problems.append(f"ONNX export or onnxruntime run failed: {str(e).splitlines()[0][:200]}")
+            problems.append(f"ONNX export or onnxruntime run failed: {first_line(e)[:200]}")
     return problems
 
 
@@ -254,14 +256,12 @@ def verify(bundle: str) -> list[str]:
         try:
             problems += _check_network(bundle, meta)
         except Exception as e:
-            problems.append(f"network check failed: {str(e).splitlines()[0][:200]}")
+            problems.append(f"network check failed: {first_line(e)[:200]}")
     return problems
 
 
 def record_hashes(bundle: str) -> dict[str, str]:
     """Write the sha256 of every file directly under ``models/`` into metadata ``model_sha256`` (after training)."""
-    from networks.data import write_atomic
-
     meta_file = os.path.join(bundle, "configs", "metadata.json")
     with open(meta_file) as f:
         meta = json.load(f)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from networks.data import TMP_PREFIX, write_atomic
+from networks.data import TMP_PREFIX, first_line, write_atomic
 
 ENGINES = ("torch", "onnx")
 SUMMARY_FIELDS = ("case", "input", "status", "output", "seconds", "message")
@@ -60,7 +60,7 @@ class BatchOptions:
 
 def error_message(error: Exception, path: str) -> str:
     """The error's first line, prefixed with ``path`` unless it already names it."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = first_line(error)
     return message if path in message else f"{path}: {message}"
 
 

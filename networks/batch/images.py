@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from networks.batch.core import BundleSpec, UsageError, load_network
+from networks.data import first_line
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ImagePredictor:
             cause = e
             while getattr(cause, "__cause__", None) is not None and path not in str(cause):
                 cause = cause.__cause__  # MONAI wraps transform errors; the loader's own message names the file
-            message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            message = first_line(cause)
             raise ValueError(message if path in message else f"{path}: {message}") from e
         image = torch.as_tensor(image)
         if not torch.isfinite(image).all():

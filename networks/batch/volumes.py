@@ -18,6 +18,7 @@ import numpy as np
 
 from networks.batch.core import BundleSpec, Result, UsageError, failed_result, load_network
 from networks.batch.writers import save_label, save_overlay
+from networks.data import first_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -71,7 +72,7 @@ def _dicom_series(folder: str, unreadable: list[Case], ignored: list[str]) -> di
             is_dicom = "SOPClassUID" in header or "SeriesInstanceUID" in header or bool(header.file_meta)
             problem = "" if is_dicom else "no DICOM header"
         except Exception as e:
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problem = first_line(e)
         if problem:
             if claims_dicom(path):
                 unreadable.append(Case("", path, "unreadable",
@@ -191,7 +192,7 @@ def check_header(case: Case) -> None:
         try:
             shape = tuple(int(n) for n in nib.load(case.input).header.get_data_shape())
         except Exception as e:
-            raise ValueError(f"{case.input}: not a readable NIfTI file ({str(e).splitlines()[0] if str(e) else e!r}).")
+            raise ValueError(f"{case.input}: not a readable NIfTI file ({first_line(e)}).")
     else:
         shape = check_dicom_series(case)
     size = 4 * int(np.prod(shape, dtype=np.float64))  # bytes once loaded as float32
