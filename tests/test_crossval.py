@@ -151,6 +151,8 @@ def _crossval(*args):
 
 
 def test_crossval_runs_a_bundle_writes_tables_and_resumes(tmp_path):
+    import torch
+
     bundle = tmp_path / "dsb2018_litenext_segmentation"
     shutil.copytree(os.path.join(BUNDLES, "dsb2018_litenext_segmentation", "configs"), bundle / "configs")
     datalist = _blob_dataset(tmp_path / "data")
@@ -183,3 +185,34 @@ def test_crossval_runs_a_bundle_writes_tables_and_resumes(tmp_path):
 
     other = _crossval(*args[:3], "3", *args[4:])  # another split into the same folder is refused
     assert other.returncode == 2 and "holds another split" in other.stderr
+
+    scored = tmp_path / "scored"  # the same split, each fold scoring the weights its training chose: same results
+    done = _crossval(*args[:5], str(scored), *args[6:], "--score_weights", str(out / "fold_{fold}/models/model.pt"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for k in (0, 1):
+        assert "run training" not in (scored / f"fold_{k}" / "crossval.log").read_text()
+        assert not (scored / f"fold_{k}" / "models" / "checkpoints").exists()
+        trained, only_scored = (json.loads((d / f"fold_{k}" / "result.json").read_text()) for d in (out, scored))
+        assert [(c["case"], round(c["metric"], 4)) for c in only_scored["cases"]] == \
+            [(c["case"], round(c["metric"], 4)) for c in trained["cases"]]
+        weights = [torch.load(d / f"fold_{k}" / "models" / "model.pt", weights_only=True) for d in (out, scored)]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_score_weights_takes_a_checkpoints_network_and_refuses_other_weights(tmp_path):
+    import torch
+
+    from tools.crossval import install_weights
+
+    weights = {"conv.weight": torch.arange(6.0).reshape(2, 3)}
+    torch.save({"model": weights, "optimizer": {"state": {}}}, tmp_path / "checkpoint_epoch=5.pt")
+    install_weights(str(tmp_path / "checkpoint_epoch=5.pt"), str(tmp_path / "fold_0"))
+    loaded = torch.load(tmp_path / "fold_0" / "models" / "model.pt", weights_only=True)
+    assert list(loaded) == ["conv.weight"] and torch.equal(loaded["conv.weight"], weights["conv.weight"])
+    install_weights(str(tmp_path / "checkpoint_epoch=5.pt"), str(tmp_path / "fold_0"))  # a rerun: kept
+    torch.save(weights, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="already holds other weights"):
+        install_weights(str(tmp_path / "model.pt"), str(tmp_path / "fold_0"))
+    with pytest.raises(FileNotFoundError, match="missing.pt: --score_weights file not found"):
+        install_weights(str(tmp_path / "missing.pt"), str(tmp_path / "fold_1"))

@@ -19,6 +19,12 @@ pathology) is spread evenly over the folds. For fold k:
   into ``OUTPUT/fold_k/eval_test``, with the extra options whose id has no ``#`` (an ``--image_size`` reaches both;
   top-level ids that only training uses are inert there; ``train#...`` ids exist only in train.json).
 
+``--score_weights PATH`` trains nothing: every fold scores the network weights at PATH (a ``models/model.pt``, or
+a training checkpoint, whose ``model`` entry is taken; ``{fold}`` in PATH is replaced by the fold's number) on its
+held-out cases, e.g. shipped weights as a baseline on the folds of another run (same datalist, ``--folds``,
+``--lists`` and ``--seed`` give the same split), or each fold's last checkpoint
+(``runs/cv/fold_{fold}/models/checkpoints/checkpoint_epoch=50.pt``) instead of the one its inner validation chose.
+
 The per-case metric is what the bundle's evaluation writes: Dice per image (2D segmentation), the mean Dice over the
 structures present per volume (volume segmentation; per-structure means are reported too), or 1/0 for a correct or
 wrong class (classification: the fold's mean is its accuracy; its balanced accuracy, macro F1 and AUC are reported
@@ -47,7 +53,8 @@ from typing import Sequence
 import fire
 import numpy as np
 
-from networks.data import grouped_stratified_split, load_datalist, write_atomic, write_datalist, write_json_atomic
+from networks.data import (grouped_stratified_split, load_datalist, write_atomic, write_atomic_with, write_datalist,
+                           write_json_atomic)
 
 log = logging.getLogger("crossval")
 
@@ -183,6 +190,29 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     return result
 
 
+def install_weights(source: str, fold_dir: str) -> None:
+    """Put the network weights of ``source`` at ``fold_dir/models/model.pt`` and mark the fold as trained, so that
+    it is only evaluated (``--score_weights``); a fold already marked with another source is an error."""
+    import torch
+
+    marker = os.path.join(fold_dir, "trained")
+    note = f"not trained: scores {os.path.abspath(source)}\n"
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if f.read() != note:
+                raise ValueError(f"{fold_dir}: this fold already holds other weights; give another --output.")
+        return
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: --score_weights file not found.")
+    weights = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
+        weights = weights["model"]  # a training checkpoint
+    os.makedirs(os.path.join(fold_dir, "models"), exist_ok=True)
+    path = os.path.join(fold_dir, "models", "model.pt")
+    write_atomic_with(path, lambda tmp: torch.save(weights, tmp), suffix=".pt")
+    write_atomic(marker, note)
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -260,7 +290,7 @@ def prepare_folds(datalist: str, output: str, folds: int, lists: Sequence[str], 
 
 def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists: str = "training,validation",
              seed: int = 0, val_fraction: float = 0.15, parallel: int = 1, fixed_training: str = "",
-             **overrides) -> dict:
+             score_weights: str = "", **overrides) -> dict:
     """Cross-validate BUNDLE on DATALIST; returns the summary (see the module docstring)."""
     bundle = os.path.abspath(bundle)
     if not os.path.isfile(os.path.join(bundle, "configs", "train.json")):
@@ -269,10 +299,13 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
     key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
     with _exclusive(output):
         folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction), fixed_lists)
+        for k, folder in enumerate(folders) if score_weights else ():
+            install_weights(score_weights.replace("{fold}", str(k)), folder)
         command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
                             f"--folds {folds} --lists {','.join(key_lists)} --seed {seed}",
                             f"--val_fraction {val_fraction}",
                             *([f"--fixed_training {','.join(fixed_lists)}"] if fixed_lists else []),
+                            *([f"--score_weights {score_weights}"] if score_weights else []),
                             *(f"--{k} {v}" for k, v in overrides.items())])
         return _run_folds(bundle, output, folders, int(folds), int(parallel), overrides, command)
 
