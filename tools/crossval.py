@@ -299,8 +299,9 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
     key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
     with _exclusive(output):
         folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction), fixed_lists)
-        for k, folder in enumerate(folders) if score_weights else ():
-            install_weights(score_weights.replace("{fold}", str(k)), folder)
+        if score_weights:
+            for k, folder in enumerate(folders):
+                install_weights(score_weights.replace("{fold}", str(k)), folder)
         command = " ".join(["python tools/crossval.py", os.path.relpath(bundle), os.path.relpath(datalist),
                             f"--folds {folds} --lists {','.join(key_lists)} --seed {seed}",
                             f"--val_fraction {val_fraction}",
