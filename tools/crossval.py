@@ -195,6 +195,8 @@ def install_weights(source: str, fold_dir: str) -> None:
     it is only evaluated (``--score_weights``); a fold already marked with another source is an error."""
     import torch
 
+    from networks.training import read_weights
+
     marker = os.path.join(fold_dir, "trained")
     note = f"not trained: scores {os.path.abspath(source)}\n"
     if os.path.isfile(marker):
@@ -204,12 +206,8 @@ def install_weights(source: str, fold_dir: str) -> None:
         return
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: --score_weights file not found.")
-    weights = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
-        weights = weights["model"]  # a training checkpoint
-    os.makedirs(os.path.join(fold_dir, "models"), exist_ok=True)
-    path = os.path.join(fold_dir, "models", "model.pt")
-    write_atomic_with(path, lambda tmp: torch.save(weights, tmp), suffix=".pt")
+    weights = read_weights(source)  # a state dict, or a training checkpoint's "model" entry
+    write_atomic_with(os.path.join(fold_dir, "models", "model.pt"), lambda tmp: torch.save(weights, tmp), suffix=".pt")
     write_atomic(marker, note)
 
 
