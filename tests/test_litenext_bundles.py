@@ -17,6 +17,7 @@ from PIL import Image
 from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
+from networks.training import read_weights
 from networks.segmentation2d import (BinarySegmentationReport, binary_metrics, eval_transforms,
                                      summarise_metrics, train_transforms)
 
@@ -148,6 +149,8 @@ def test_training_with_serp_resumes_and_evaluates_on_the_original_grid(tmp_path,
     first = torch.load(next(checkpoints.glob("*epoch=1.pt")), weights_only=True)
     assert any(k.startswith("projector_s.") for k in first["serp"])  # SERP on by default: projectors trained
     assert (bundle / "models" / "model.pt").is_file()
+    network = read_weights(str(next(checkpoints.glob("*epoch=1.pt"))))  # what --score_weights and fine-tuning read
+    assert network.keys() == torch.load(bundle / "models" / "model.pt", weights_only=True).keys()
     result = _monai_run(bundle, *common, "--train#trainer#max_epochs", "2")
     assert (checkpoints / "checkpoint_epoch=2.pt").is_file()
     assert "Epoch[1]" not in result.stderr + result.stdout and "Epoch[2]" in result.stderr + result.stdout  # resumed

@@ -20,7 +20,7 @@ pathology) is spread evenly over the folds. For fold k:
   top-level ids that only training uses are inert there; ``train#...`` ids exist only in train.json).
 
 ``--score_weights PATH`` trains nothing: every fold scores the network weights at PATH (a ``models/model.pt``, or
-a training checkpoint, whose ``model`` entry is taken; ``{fold}`` in PATH is replaced by the fold's number) on its
+a training checkpoint, whose network is taken; ``{fold}`` in PATH is replaced by the fold's number) on its
 held-out cases, e.g. shipped weights as a baseline on the folds of another run (same datalist, ``--folds``,
 ``--lists`` and ``--seed`` give the same split), or each fold's last checkpoint
 (``runs/cv/fold_{fold}/models/checkpoints/checkpoint_epoch=50.pt``) instead of the one its inner validation chose.
