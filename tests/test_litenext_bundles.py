@@ -383,7 +383,10 @@ def test_every_litenext_bundle_declares_the_recipe():
             train = json.load(f)
         with open(os.path.join(BUNDLES, name, "configs", "metadata.json")) as f:
             meta = json.load(f)
-        assert train["image_size"] == [256, 256] and train["use_serp"] is True
+        with open(os.path.join(BUNDLES, name, "configs", "inference.json")) as f:
+            inference = json.load(f)
+        size = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]  # 256x256, GlaS 512x512 (its card)
+        assert train["image_size"] == inference["image_size"] == size and train["use_serp"] is True
         assert train["use_marginal_weight_loss"] is True and train["network_def"]["_target_"] == "networks.LiteNeXt"
         assert train["train"]["preprocessing"]["_target_"] == "networks.segmentation2d.train_transforms"
         assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
