@@ -13,7 +13,8 @@ __all__ = ["DihedralAverageInferer"]
 class DihedralAverageInferer(Inferer):
     """Test-time augmentation: the mean of the class probabilities that ``inferer`` gives for the symmetries of the
     square in-plane grid (4 rotations by 90 degrees, each with and without a flip: 8), each mapped back to the input's
-    orientation. For networks trained with random 90-degree rotations and flips, as the ACDC bundle's is.
+    orientation. For networks trained with random 90-degree rotations and flips (the ACDC bundle's), or for images
+    with no natural orientation (histology, dermoscopy).
 
     Args:
         inferer: the inferer run on each transformed input (e.g. ``SliceInferer`` over a volume's slices).
@@ -21,19 +22,24 @@ class DihedralAverageInferer(Inferer):
             ``(B, C, H, W, D)`` volumes sliced along D, and for ``(B, C, H, W)`` images).
         rotations: the 4 rotations by 90 degrees (else the identity only).
         flip: each orientation also flipped along ``spatial_axes[0]``. With ``rotations`` and ``flip`` both False
-            this is ``inferer`` alone (and its softmax).
+            this is ``inferer`` alone (and its activation).
+        activation: how logits become probabilities before they are averaged: ``"softmax"`` over the channel axis
+            (mutually exclusive classes) or ``"sigmoid"`` per channel (a binary network with one output channel).
 
     Shapes:
-        ``inputs`` ``(B, C, *spatial)``; ``inferer`` gives logits; the output has its shape, probabilities (softmax
-        over the channel axis) summing to 1. Costs one run of ``inferer`` per symmetry (8 by default).
+        ``inputs`` ``(B, C, *spatial)``; ``inferer`` gives logits; the output has its shape, probabilities (softmax:
+        summing to 1 over the channel axis). Costs one run of ``inferer`` per symmetry (8 by default).
     """
 
     def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool = True,
-                 flip: bool = True) -> None:
+                 flip: bool = True, activation: str = "softmax") -> None:
         if len(spatial_axes) != 2 or spatial_axes[0] == spatial_axes[1] or min(spatial_axes) < 2:
             raise ValueError(f"DihedralAverageInferer: spatial_axes must be two different axes after batch and "
                              f"channel (>= 2), got {tuple(spatial_axes)}.")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"DihedralAverageInferer: activation must be 'softmax' or 'sigmoid', got {activation!r}.")
         self.inferer = inferer
+        self.activation = activation
         self.spatial_axes = (int(spatial_axes[0]), int(spatial_axes[1]))
         self.turns = range(4) if rotations else range(1)
         self.flips = (False, True) if flip else (False,)
@@ -52,7 +58,8 @@ class DihedralAverageInferer(Inferer):
             for flip in self.flips:
                 view = torch.rot90(inputs, turns, axes)
                 view = view.flip(axes[0]) if flip else view
-                output = self.inferer(view, network, *args, **kwargs).softmax(1)
+                logits = self.inferer(view, network, *args, **kwargs)
+                output = logits.softmax(1) if self.activation == "softmax" else logits.sigmoid()
                 output = output.flip(axes[0]) if flip else output
                 total = total + torch.rot90(output, -turns, axes)
         return total / (len(self.turns) * len(self.flips))

@@ -36,6 +36,24 @@ def test_average_is_equivariant_under_every_symmetry():
                 torch.testing.assert_close(inferer(transform(x), network), transform(out), atol=1e-6, rtol=1e-5)
 
 
+def test_sigmoid_averages_probabilities_of_a_binary_network():
+    network = _PositionDependent(8).eval()
+    x = torch.randn(1, 1, 8, 8)
+    views = []
+    with torch.no_grad():
+        for turns in range(4):
+            for flip in (False, True):
+                view = torch.rot90(x, turns, (2, 3))
+                probabilities = network(view.flip(2) if flip else view).sigmoid()
+                views.append(torch.rot90(probabilities.flip(2) if flip else probabilities, -turns, (2, 3)))
+        out = DihedralAverageInferer(SimpleInferer(), activation="sigmoid")(x, network)
+        off = DihedralAverageInferer(SimpleInferer(), rotations=False, flip=False, activation="sigmoid")(x, network)
+    torch.testing.assert_close(out, torch.stack(views).mean(0))  # per-channel probabilities, not a softmax
+    torch.testing.assert_close(off, network(x).sigmoid())
+    with pytest.raises(ValueError, match="activation must be"):
+        DihedralAverageInferer(SimpleInferer(), activation="relu")
+
+
 def test_switched_off_is_the_inner_inferer_and_slices_volumes():
     network = _PositionDependent(8).eval()
     volume = torch.randn(1, 1, 8, 8, 5)
