@@ -17,9 +17,9 @@ from PIL import Image
 from helpers import BUNDLES, REPO
 
 from networks.data import write_datalist
-from networks.training import read_weights
 from networks.segmentation2d import (BinarySegmentationReport, binary_metrics, eval_transforms,
                                      summarise_metrics, train_transforms)
+from networks.training import read_weights
 
 LITENEXT_BUNDLES = [f"{name}_litenext_segmentation" for name in
                     ("dsb2018", "glas", "isic2018", "ph2", "sunnybrook", "lungxray")]
