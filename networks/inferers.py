@@ -26,9 +26,14 @@ class DihedralAverageInferer(Inferer):
         activation: how logits become probabilities before they are averaged: ``"softmax"`` over the channel axis
             (mutually exclusive classes) or ``"sigmoid"`` per channel (a binary network with one output channel).
 
+    A classifier's ``(B, classes)`` logits are averaged as they are: with ``spatial_axes=(3, 2)`` and
+    ``rotations=False`` that is the mean over the image and its left-right mirror (the flip of a training
+    augmentation along the width).
+
     Shapes:
-        ``inputs`` ``(B, C, *spatial)``; ``inferer`` gives logits; the output has its shape, probabilities (softmax:
-        summing to 1 over the channel axis). Costs one run of ``inferer`` per symmetry (8 by default).
+        ``inputs`` ``(B, C, *spatial)``; ``inferer`` gives logits, ``(B, C, *spatial)`` or ``(B, classes)``; the output
+        has their shape, probabilities (softmax: summing to 1 over the channel axis). Costs one run of ``inferer`` per
+        symmetry (8 by default).
     """
 
     def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool = True,
@@ -60,6 +65,7 @@ class DihedralAverageInferer(Inferer):
                 view = view.flip(axes[0]) if flip else view
                 logits = self.inferer(view, network, *args, **kwargs)
                 output = logits.softmax(1) if self.activation == "softmax" else logits.sigmoid()
-                output = output.flip(axes[0]) if flip else output
-                total = total + torch.rot90(output, -turns, axes)
+                if output.dim() > max(axes):  # a map: back to the input's orientation; a class vector stays
+                    output = torch.rot90(output.flip(axes[0]) if flip else output, -turns, axes)
+                total = total + output
         return total / (len(self.turns) * len(self.flips))

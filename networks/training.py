@@ -56,18 +56,19 @@ def latest_checkpoint(folder: str, before_epoch: int | None = None) -> str | Non
 
 
 def read_weights(path: str) -> dict:
-    """The network weights stored at ``path``: a state dict (a bundle's ``models/model.pt``), the ``model`` entry of
-    a training checkpoint, or the network inside the ``serp`` entry of a LiteNeXt training checkpoint (its SERP
-    wrapper holds the network as ``network.``), read with ``weights_only=True``. A ValueError names the file when it
-    cannot be read."""
+    """The network weights stored at ``path``: a state dict (a bundle's ``models/model.pt``), the ``ema_model`` entry
+    of a training checkpoint of a bundle that averages its weights (what it keeps as ``model.pt``), else its ``model``
+    entry, or the network inside the ``serp`` entry of a LiteNeXt training checkpoint (its SERP wrapper holds the
+    network as ``network.``), read with ``weights_only=True``. A ValueError names the file when it cannot be read."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path}: cannot read network weights ({error})") from error
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict or checkpoint (found {type(state).__name__})")
-    if "model" in state:
-        return state["model"]
+    for entry in ("ema_model", "model"):
+        if entry in state:
+            return state[entry]
     if "serp" in state:
         return {k[len("network."):]: v for k, v in state["serp"].items() if k.startswith("network.")}
     return state

@@ -54,6 +54,20 @@ def test_sigmoid_averages_probabilities_of_a_binary_network():
         DihedralAverageInferer(SimpleInferer(), activation="relu")
 
 
+def test_classifier_logits_average_over_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1 * 4 * 6, 2)).eval()  # not mirror-invariant
+    x = torch.randn(3, 1, 4, 6)  # not square: no rotations
+    inferer = DihedralAverageInferer(SimpleInferer(), spatial_axes=(3, 2), rotations=False)
+    with torch.no_grad():
+        out = inferer(x, network)
+        expected = (network(x).softmax(1) + network(x.flip(3)).softmax(1)) / 2
+        assert out.shape == (3, 2)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(inferer(x.flip(3), network), out)  # the mirror gets the same probabilities
+        assert not torch.allclose(out, network(x).softmax(1), atol=1e-3)
+
+
 def test_switched_off_is_the_inner_inferer_and_slices_volumes():
     network = _PositionDependent(8).eval()
     volume = torch.randn(1, 1, 8, 8, 5)

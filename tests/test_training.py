@@ -125,7 +125,9 @@ def test_with_weights_loads_a_model_or_checkpoint_file(tmp_path):
     trained[1].running_mean += 3.0  # buffers travel too
     torch.save(trained.state_dict(), tmp_path / "model.pt")
     torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "checkpoint.pt")
-    for name in ("model.pt", "checkpoint.pt"):
+    # a bundle with a weight average keeps the average as model.pt, so its checkpoints give the average too
+    torch.save({"model": _tiny_net(3).state_dict(), "ema_model": trained.state_dict()}, tmp_path / "averaged.pt")
+    for name in ("model.pt", "checkpoint.pt", "averaged.pt"):
         network = _tiny_net(2)
         assert not _same_weights(network, trained)
         assert with_weights(network, str(tmp_path / name)) is network

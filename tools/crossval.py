@@ -206,7 +206,7 @@ def install_weights(source: str, fold_dir: str) -> None:
         return
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: --score_weights file not found.")
-    weights = read_weights(source)  # a state dict, or a training checkpoint's "model" entry
+    weights = read_weights(source)  # a state dict, or the network a training checkpoint keeps
     write_atomic_with(os.path.join(fold_dir, "models", "model.pt"), lambda tmp: torch.save(weights, tmp), suffix=".pt")
     write_atomic(marker, note)
 
