@@ -200,6 +200,20 @@ def test_crossval_runs_a_bundle_writes_tables_and_resumes(tmp_path):
         assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
+def test_training_and_evaluation_get_the_options_their_configs_have(tmp_path):
+    from tools.crossval import EVALUATION_CONFIGS, TRAINING_CONFIGS, crossval, overrides_for
+
+    bundle = os.path.join(BUNDLES, "sunnybrook_litenext_segmentation")
+    given = {"image_size": "[32, 32]", "learning_rate": 0.001, "train#trainer#max_epochs": 2,
+             "inferer#rotations": False}
+    assert overrides_for(bundle, TRAINING_CONFIGS, given) == {
+        "image_size": "[32, 32]", "learning_rate": 0.001, "train#trainer#max_epochs": 2}
+    assert overrides_for(bundle, EVALUATION_CONFIGS, given) == {
+        "image_size": "[32, 32]", "learning_rate": 0.001, "inferer#rotations": False}
+    with pytest.raises(ValueError, match="--inferer#no_such_option: no such id"):
+        crossval(bundle, str(tmp_path / "datalist.json"), output=str(tmp_path / "cv"), **{"inferer#no_such_option": 1})
+
+
 def test_score_weights_takes_a_checkpoints_network_and_refuses_other_weights(tmp_path):
     import torch
 

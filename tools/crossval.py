@@ -13,11 +13,14 @@ pathology) is spread evenly over the folds. For fold k:
   ``--fixed_training LIST[,LIST]`` adds the items of those datalist lists to every fold's ``training``, never held
   out: the cases that a ``--pretrained_weights`` starting point was trained on, so that every held-out case is unseen;
 * training: ``python -m monai.bundle run training --config_file configs/train.json`` in the bundle folder with
-  ``--bundle_root OUTPUT/fold_k`` and every extra ``--ID VALUE`` given to this tool (``--train#trainer#max_epochs 40``,
-  ``--num_threads 1``, ``--pretrained_weights PATH``...);
+  ``--bundle_root OUTPUT/fold_k`` and the extra ``--ID VALUE`` options given to this tool (``--num_threads 1``,
+  ``--pretrained_weights PATH``, ``--train#trainer#max_epochs 40``...);
 * evaluation: the bundle's ``['configs/inference.json','configs/evaluate.json']`` on fold k (``--eval_split test``)
-  into ``OUTPUT/fold_k/eval_test``, with the extra options whose id has no ``#`` (an ``--image_size`` reaches both;
-  top-level ids that only training uses are inert there; ``train#...`` ids exist only in train.json).
+  into ``OUTPUT/fold_k/eval_test``, with the same options.
+
+Each run gets every top-level id (``--image_size`` reaches both) and the nested ids its own configs have
+(``train#...`` only training, ``--inferer#rotations false`` only evaluation); a nested id that no config of the bundle
+has is a usage error.
 
 ``--score_weights PATH`` trains nothing: every fold scores the network weights at PATH (a ``models/model.pt``, or
 a training checkpoint, whose network is taken; ``{fold}`` in PATH is replaced by the fold's number) on its
@@ -163,6 +166,21 @@ def _run(command: list[str], cwd: str, log_path: str) -> None:
         raise RuntimeError(f"exit code {done.returncode}; see {log_path}")
 
 
+TRAINING_CONFIGS = ("train.json",)
+EVALUATION_CONFIGS = ("inference.json", "evaluate.json")
+
+
+def overrides_for(bundle: str, configs: Sequence[str], overrides: dict) -> dict:
+    """The options that a run of the bundle's ``configs`` gets: every top-level id (one that the run does not use is
+    inert), and each nested id that those configs have (``train#trainer#max_epochs`` for training,
+    ``inferer#rotations`` for evaluation); MONAI refuses a nested id whose parent a config lacks."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(bundle, "configs", name) for name in configs])
+    return {k: v for k, v in overrides.items() if "#" not in k or k in parser}
+
+
 def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     """Train (or resume) and evaluate one prepared fold folder; returns its result (also saved as result.json)."""
     result_path = os.path.join(fold_dir, "result.json")
@@ -175,13 +193,13 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     common = ["--dataset_dir", fold_dir, "--bundle_root", fold_dir]
     if not os.path.isfile(os.path.join(fold_dir, "trained")):
         _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-              *common, *_args(overrides)], bundle, log_path)
+              *common, *_args(overrides_for(bundle, TRAINING_CONFIGS, overrides))], bundle, log_path)
         write_atomic(os.path.join(fold_dir, "trained"), "training finished\n")
     eval_dir = os.path.join(fold_dir, "eval_test")
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
           "['configs/inference.json','configs/evaluate.json']", "--meta_file", "configs/metadata.json", *common,
           "--eval_split", "test", "--output_dir", eval_dir,
-          *_args({k: v for k, v in overrides.items() if "#" not in k})], bundle, log_path)
+          *_args(overrides_for(bundle, EVALUATION_CONFIGS, overrides))], bundle, log_path)
     cases, breakdown = read_case_metrics(eval_dir)
     values = [c["metric"] for c in cases]
     result = {"cases": cases, "breakdown": breakdown, "n": len(values),
@@ -295,6 +313,10 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
         raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
     output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
     key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
+    used = {**overrides_for(bundle, TRAINING_CONFIGS, overrides), **overrides_for(bundle, EVALUATION_CONFIGS, overrides)}
+    unknown = [f"--{k}" for k in overrides if k not in used]
+    if unknown:
+        raise ValueError(f"{bundle}: {', '.join(unknown)}: no such id in its train, inference or evaluate config.")
     with _exclusive(output):
         folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction), fixed_lists)
         if score_weights:
