@@ -82,6 +82,12 @@ def test_probabilities_are_the_bundle_networks_own(random_weight_classifier, tmp
         expected = torch.softmax(runner.network(image[None].as_subclass(torch.Tensor)), 1)[0].numpy()
     row = {r["case"]: r for r in _csv(tmp_path / "out" / "predictions.csv")}["b"]
     np.testing.assert_allclose([float(row["p_others"]), float(row["p_monkeypox"])], expected, atol=1e-5)
+    # --test_time_augmentation true: the mean over the image and its left-right mirror
+    mirrored = ImageClassifier(str(random_weight_classifier), overrides={"test_time_augmentation": True})
+    with torch.no_grad():
+        mirror = torch.softmax(runner.network(image[None].as_subclass(torch.Tensor).flip(-1)), 1)[0].numpy()
+    assert np.abs(mirror - expected).max() > 1e-4
+    np.testing.assert_allclose(mirrored.predict([image])[0], (expected + mirror) / 2, atol=1e-5)
     onnx = ImageClassifier(str(random_weight_classifier), engine="onnx")
     np.testing.assert_allclose(onnx.predict([image]), runner.predict([image]), atol=1e-4)
     smaller = ImageClassifier(str(random_weight_classifier), overrides={"image_size": [64, 64]})  # --image_size

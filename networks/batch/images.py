@@ -103,11 +103,12 @@ class ImageClassifier(ImagePredictor):
 
         batch = torch.stack([torch.as_tensor(i).as_subclass(torch.Tensor) for i in images]).to(self.device)
         with torch.inference_mode():
-            logits = self.inferer(batch, self.network).cpu()
-        if logits.ndim != 2 or logits.shape[1] != len(self.class_names):
-            raise ValueError(f"the network gives shape {list(logits.shape)} for {len(images)} images; expected "
+            probabilities = self.inferer(batch, self.network).cpu()
+        if probabilities.ndim != 2 or probabilities.shape[1] != len(self.class_names):
+            raise ValueError(f"the network gives shape {list(probabilities.shape)} for {len(images)} images; expected "
                              f"({len(images)}, {len(self.class_names)}).")
-        return np.stack([np.asarray(self.postprocessing({"pred": row})["pred"], dtype=np.float64) for row in logits])
+        return np.stack([np.asarray(self.postprocessing({"pred": row})["pred"], dtype=np.float64)
+                         for row in probabilities])
 
 
 class ImageSegmenter(ImagePredictor):
