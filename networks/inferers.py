@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 from monai.inferers import Inferer
 
+from networks.training import as_bool
+
 __all__ = ["DihedralAverageInferer"]
 
 
@@ -20,7 +22,8 @@ class DihedralAverageInferer(Inferer):
         inferer: the inferer run on each transformed input (e.g. ``SliceInferer`` over a volume's slices).
         spatial_axes: the two in-plane axes of the input tensor, which must be equally long (``(2, 3)`` for
             ``(B, C, H, W, D)`` volumes sliced along D, and for ``(B, C, H, W)`` images).
-        rotations: the 4 rotations by 90 degrees (else the identity only).
+        rotations: the 4 rotations by 90 degrees (else the identity only). This and ``flip`` also take the
+            command line's ``"false"``/``"true"`` (``networks.training.as_bool``).
         flip: each orientation also flipped along ``spatial_axes[0]``. With ``rotations`` and ``flip`` both False
             this is ``inferer`` alone (and its activation).
         activation: how logits become probabilities before they are averaged: ``"softmax"`` over the channel axis
@@ -36,8 +39,8 @@ class DihedralAverageInferer(Inferer):
         symmetry (8 by default).
     """
 
-    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool = True,
-                 flip: bool = True, activation: str = "softmax") -> None:
+    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (2, 3), rotations: bool | str = True,
+                 flip: bool | str = True, activation: str = "softmax") -> None:
         if len(spatial_axes) != 2 or spatial_axes[0] == spatial_axes[1] or min(spatial_axes) < 2:
             raise ValueError(f"DihedralAverageInferer: spatial_axes must be two different axes after batch and "
                              f"channel (>= 2), got {tuple(spatial_axes)}.")
@@ -46,8 +49,8 @@ class DihedralAverageInferer(Inferer):
         self.inferer = inferer
         self.activation = activation
         self.spatial_axes = (int(spatial_axes[0]), int(spatial_axes[1]))
-        self.turns = range(4) if rotations else range(1)
-        self.flips = (False, True) if flip else (False,)
+        self.turns = range(4) if as_bool(rotations) else range(1)
+        self.flips = (False, True) if as_bool(flip) else (False,)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  **kwargs: Any) -> torch.Tensor:

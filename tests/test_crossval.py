@@ -205,13 +205,13 @@ def test_training_and_evaluation_get_the_options_their_configs_have(tmp_path):
 
     bundle = os.path.join(BUNDLES, "sunnybrook_litenext_segmentation")
     given = {"image_size": "[32, 32]", "learning_rate": 0.001, "train#trainer#max_epochs": 2,
-             "inferer#rotations": False}
+             "inferer#rotations": False, "inferer#spatial_axes": "[3, 2]"}  # a new argument of an existing object
     assert overrides_for(bundle, TRAINING_CONFIGS, given) == {
         "image_size": "[32, 32]", "learning_rate": 0.001, "train#trainer#max_epochs": 2}
     assert overrides_for(bundle, EVALUATION_CONFIGS, given) == {
-        "image_size": "[32, 32]", "learning_rate": 0.001, "inferer#rotations": False}
-    with pytest.raises(ValueError, match="--inferer#no_such_option: no such id"):
-        crossval(bundle, str(tmp_path / "datalist.json"), output=str(tmp_path / "cv"), **{"inferer#no_such_option": 1})
+        "image_size": "[32, 32]", "learning_rate": 0.001, "inferer#rotations": False, "inferer#spatial_axes": "[3, 2]"}
+    with pytest.raises(ValueError, match="--no_such_object#size: no such place"):
+        crossval(bundle, str(tmp_path / "datalist.json"), output=str(tmp_path / "cv"), **{"no_such_object#size": 1})
 
 
 def test_score_weights_takes_a_checkpoints_network_and_refuses_other_weights(tmp_path):

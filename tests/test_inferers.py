@@ -75,8 +75,10 @@ def test_switched_off_is_the_inner_inferer_and_slices_volumes():
     with torch.no_grad():
         plain = slices(volume, network).softmax(1)
         off = DihedralAverageInferer(slices, rotations=False, flip=False)(volume, network)
+        off_from_command_line = DihedralAverageInferer(slices, rotations="false", flip="false")(volume, network)
         on = DihedralAverageInferer(slices)(volume, network)
     torch.testing.assert_close(off, plain)
+    torch.testing.assert_close(off_from_command_line, plain)  # "false" is not truthy here
     assert on.shape == plain.shape == (1, 3, 8, 8, 5)
     # each slice is averaged on its own: slice 2 of the volume gives what slice 2 alone gives
     with torch.no_grad():
@@ -85,6 +87,8 @@ def test_switched_off_is_the_inner_inferer_and_slices_volumes():
 
 
 def test_clear_errors():
+    with pytest.raises(ValueError, match="maybe"):
+        DihedralAverageInferer(SimpleInferer(), rotations="maybe")
     with pytest.raises(ValueError, match="spatial_axes"):
         DihedralAverageInferer(SimpleInferer(), spatial_axes=(2, 2))
     with pytest.raises(ValueError, match="not square"):

@@ -19,8 +19,8 @@ pathology) is spread evenly over the folds. For fold k:
   into ``OUTPUT/fold_k/eval_test``, with the same options.
 
 Each run gets every top-level id (``--image_size`` reaches both) and the nested ids its own configs have
-(``train#...`` only training, ``--inferer#rotations false`` only evaluation); a nested id that no config of the bundle
-has is a usage error.
+(``train#...`` only training, ``--inferer#rotations false`` only evaluation); a nested id whose parent no config of
+the bundle has is a usage error.
 
 ``--score_weights PATH`` trains nothing: every fold scores the network weights at PATH (a ``models/model.pt``, or
 a training checkpoint, whose network is taken; ``{fold}`` in PATH is replaced by the fold's number) on its
@@ -172,13 +172,14 @@ EVALUATION_CONFIGS = ("inference.json", "evaluate.json")
 
 def overrides_for(bundle: str, configs: Sequence[str], overrides: dict) -> dict:
     """The options that a run of the bundle's ``configs`` gets: every top-level id (one that the run does not use is
-    inert), and each nested id that those configs have (``train#trainer#max_epochs`` for training,
-    ``inferer#rotations`` for evaluation); MONAI refuses a nested id whose parent a config lacks."""
+    inert), and each nested id whose parent those configs have (``train#trainer#max_epochs`` for training,
+    ``inferer#rotations`` or a new argument ``inferer#spatial_axes`` for evaluation); MONAI refuses a nested id whose
+    parent a config lacks."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([os.path.join(bundle, "configs", name) for name in configs])
-    return {k: v for k, v in overrides.items() if "#" not in k or k in parser}
+    return {k: v for k, v in overrides.items() if "#" not in k or k.rsplit("#", 1)[0] in parser}
 
 
 def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
@@ -316,7 +317,7 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
     used = {**overrides_for(bundle, TRAINING_CONFIGS, overrides), **overrides_for(bundle, EVALUATION_CONFIGS, overrides)}
     unknown = [f"--{k}" for k in overrides if k not in used]
     if unknown:
-        raise ValueError(f"{bundle}: {', '.join(unknown)}: no such id in its train, inference or evaluate config.")
+        raise ValueError(f"{bundle}: {', '.join(unknown)}: no such place in its train, inference or evaluate config.")
     with _exclusive(output):
         folders = prepare_folds(datalist, output, int(folds), key_lists, int(seed), float(val_fraction), fixed_lists)
         if score_weights:
