@@ -18,7 +18,7 @@ pathology) is spread evenly over the folds. For fold k:
 * evaluation: the bundle's ``['configs/inference.json','configs/evaluate.json']`` on fold k (``--eval_split test``)
   into ``OUTPUT/fold_k/eval_test``, with the same options.
 
-Each run gets every top-level id (``--image_size`` reaches both) and the nested ids its own configs have
+Each run gets every top-level id (``--image_size`` reaches both) and the nested ids whose parent its configs have
 (``train#...`` only training, ``--inferer#rotations false`` only evaluation); a nested id whose parent no config of
 the bundle has is a usage error.
 
