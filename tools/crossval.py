@@ -314,7 +314,8 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
         raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
     output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
     key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
-    used = {**overrides_for(bundle, TRAINING_CONFIGS, overrides), **overrides_for(bundle, EVALUATION_CONFIGS, overrides)}
+    used = {**overrides_for(bundle, TRAINING_CONFIGS, overrides),
+            **overrides_for(bundle, EVALUATION_CONFIGS, overrides)}
     unknown = [f"--{k}" for k in overrides if k not in used]
     if unknown:
         raise ValueError(f"{bundle}: {', '.join(unknown)}: no such place in its train, inference or evaluate config.")
