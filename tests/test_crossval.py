@@ -111,7 +111,7 @@ def test_fixed_training_cases_join_every_fold_and_are_never_held_out(tmp_path):
 
 def test_a_finished_fold_of_an_earlier_version_is_read_back(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"cases": [], "structures": {"LV": 0.9}, "n": 0, "mean": 0.0}))
-    assert run_fold("unused", str(tmp_path), {})["breakdown"] == {"LV": 0.9}  # no training, no evaluation
+    assert run_fold("unused", str(tmp_path), {}, {})["breakdown"] == {"LV": 0.9}  # no training, no evaluation
 
 
 def test_two_runs_in_one_folder_are_refused(tmp_path):

@@ -182,8 +182,9 @@ def overrides_for(bundle: str, configs: Sequence[str], overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if "#" not in k or k.rsplit("#", 1)[0] in parser}
 
 
-def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
-    """Train (or resume) and evaluate one prepared fold folder; returns its result (also saved as result.json)."""
+def run_fold(bundle: str, fold_dir: str, training: dict, evaluation: dict) -> dict:
+    """Train (or resume) with the options ``training`` and evaluate with ``evaluation`` one prepared fold folder;
+    returns its result (also saved as result.json)."""
     result_path = os.path.join(fold_dir, "result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
@@ -194,13 +195,13 @@ def run_fold(bundle: str, fold_dir: str, overrides: dict) -> dict:
     common = ["--dataset_dir", fold_dir, "--bundle_root", fold_dir]
     if not os.path.isfile(os.path.join(fold_dir, "trained")):
         _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-              *common, *_args(overrides_for(bundle, TRAINING_CONFIGS, overrides))], bundle, log_path)
+              *common, *_args(training)], bundle, log_path)
         write_atomic(os.path.join(fold_dir, "trained"), "training finished\n")
     eval_dir = os.path.join(fold_dir, "eval_test")
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
           "['configs/inference.json','configs/evaluate.json']", "--meta_file", "configs/metadata.json", *common,
           "--eval_split", "test", "--output_dir", eval_dir,
-          *_args(overrides_for(bundle, EVALUATION_CONFIGS, overrides))], bundle, log_path)
+          *_args(evaluation)], bundle, log_path)
     cases, breakdown = read_case_metrics(eval_dir)
     values = [c["metric"] for c in cases]
     result = {"cases": cases, "breakdown": breakdown, "n": len(values),
@@ -314,9 +315,9 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
         raise ValueError(f"{bundle}: not a bundle folder (no configs/train.json).")
     output = os.path.abspath(output or os.path.join("runs", "crossval", os.path.basename(bundle)))
     key_lists, fixed_lists = (_names(names) for names in (lists, fixed_training))
-    used = {**overrides_for(bundle, TRAINING_CONFIGS, overrides),
-            **overrides_for(bundle, EVALUATION_CONFIGS, overrides)}
-    unknown = [f"--{k}" for k in overrides if k not in used]
+    training = overrides_for(bundle, TRAINING_CONFIGS, overrides)
+    evaluation = overrides_for(bundle, EVALUATION_CONFIGS, overrides)
+    unknown = [f"--{k}" for k in overrides if k not in training and k not in evaluation]
     if unknown:
         raise ValueError(f"{bundle}: {', '.join(unknown)}: no such place in its train, inference or evaluate config.")
     with _exclusive(output):
@@ -330,7 +331,7 @@ def crossval(bundle: str, datalist: str, folds: int = 5, output: str = "", lists
                             *([f"--fixed_training {','.join(fixed_lists)}"] if fixed_lists else []),
                             *([f"--score_weights {score_weights}"] if score_weights else []),
                             *(f"--{k} {v}" for k, v in overrides.items())])
-        return _run_folds(bundle, output, folders, int(folds), int(parallel), overrides, command)
+        return _run_folds(bundle, output, folders, int(folds), int(parallel), training, evaluation, command)
 
 
 def _names(names: str | Sequence[str]) -> list[str]:
@@ -352,11 +353,11 @@ def _exclusive(output: str):
         yield
 
 
-def _run_folds(bundle: str, output: str, folders: list[str], folds: int, parallel: int, overrides: dict,
-               command: str) -> dict:
+def _run_folds(bundle: str, output: str, folders: list[str], folds: int, parallel: int, training: dict,
+               evaluation: dict, command: str) -> dict:
     results, failed = {}, []
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {k: pool.submit(run_fold, bundle, folder, overrides) for k, folder in enumerate(folders)}
+        futures = {k: pool.submit(run_fold, bundle, folder, training, evaluation) for k, folder in enumerate(folders)}
         for k, future in futures.items():
             try:
                 results[k] = future.result()
